@@ -369,6 +369,32 @@ def load_state_dict_checked(module, state_dict_or_path, prefix="", what=None):
 # 5. Training utilities shared by train_nights.py, train_clip.py and finetune_qkv.py
 
 
+def training_state(model, optimizer, step, **extra):
+    """Everything `--resume` needs to continue a run exactly: weights, optimiser moments, the step counter, the RNG."""
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                rng=torch.get_rng_state(), **extra)
+
+
+def resume_training_state(path, model, optimizer):
+    """Restore a `training_state` written by save_checkpoint into model and optimizer; returns the whole dict
+    (step, epoch, and whatever else the script stored)."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+        raise CheckpointError(f"{path} is not a training-state checkpoint (needs model, optimizer, step); "
+                              f"to start from plain weights use --init instead of --resume")
+    load_state_dict_checked(model, state["model"], what=f"{path} [model]")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state
+
+
+def check_finite(loss, step, last_checkpoint=None):
+    """Stop instead of training on NaN/inf: the message names the step; the last good checkpoint is untouched."""
+    if not torch.isfinite(loss).all():
+        where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}{where}")
+
+
 def adamw(model, lr, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6):
     """AdamW with open_clip's decay rule: decay matrices and embeddings (ndim >= 2), not gains, biases or the
     logit scale. Frozen parameters are left out."""
