@@ -237,12 +237,46 @@ def _all_gather_with_grad(x):
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+class _ContrastiveLogSumExp(torch.autograd.Function):
+    """Row and column log-sum-exps of logits = s * I @ T^T, without keeping the logits for backward.
+
+    Autograd would save the [b, N] logits and a softmax per direction (about 4 N^2 floats at peak); this keeps only
+    the inputs and the two lse vectors and recomputes the logits in backward, so forward and backward each peak at
+    2 N^2 floats. At the paper's 5,120 x 30,720 per GPU that is 1.3 GB instead of 2.5+ GB.
+    """
+
+    @staticmethod
+    def forward(ctx, image_features, text_features, logit_scale):
+        logits = logit_scale * image_features @ text_features.T  # [b, N]
+        row_max, col_max = logits.amax(dim=1), logits.amax(dim=0)
+        buf = (logits - row_max[:, None]).exp_()  # the one extra N^2 buffer, reused for both directions
+        lse_row = buf.sum(dim=1).log_() + row_max  # [b]: log sum_j exp(s I_i.T_j)
+        torch.sub(logits, col_max[None, :], out=buf).exp_()
+        lse_col = buf.sum(dim=0).log_() + col_max  # [N]: log sum_i exp(s I_i.T_j) over these b images
+        ctx.save_for_backward(image_features, text_features, logit_scale, lse_row, lse_col)
+        return lse_row, lse_col
+
+    @staticmethod
+    def backward(ctx, grad_row, grad_col):
+        image_features, text_features, logit_scale, lse_row, lse_col = ctx.saved_tensors
+        logits = logit_scale * image_features @ text_features.T  # recomputed
+        # d lse_row_i / d l_ij = softmax over j; d lse_col_j / d l_ij = softmax over i
+        grad = (logits - lse_row[:, None]).exp_().mul_(grad_row[:, None])
+        grad += logits.sub_(lse_col[None, :]).exp_().mul_(grad_col[None, :])
+        del logits
+        grad_text_dir = grad @ text_features  # [b, D] = sum_j G_ij T_j
+        grad_image = logit_scale * grad_text_dir
+        grad_text = logit_scale * grad.T @ image_features
+        grad_scale = (grad_text_dir * image_features).sum()  # sum_ij G_ij (I_i . T_j)
+        return grad_image, grad_text, grad_scale
+
+
 def clip_loss(image_features, text_features, logit_scale):
     """Symmetric InfoNCE (PI paper eq. 3) from ONE logits matrix for both directions.
 
     Features are L2-normalised [b, D] for this rank's b pairs; logit_scale is exp(log-scale).
     Single process: logits = s * I @ T^T is [N, N]; image->text is a row-wise log-softmax, text->image the
-    column-wise one of the same matrix (no transposed copy, no second matmul).
+    column-wise one of the same matrix (no transposed copy, no second matmul), fused in _ContrastiveLogSumExp.
     Under torch.distributed ("local loss"): each rank only gathers the *text* features and computes the [b, N]
     block of its own images against all N texts. Row log-sum-exps are complete locally. Column log-sum-exps are
     partial (over this rank's images only); their [N] vectors are gathered and combined, so each logit in the
@@ -252,16 +286,16 @@ def clip_loss(image_features, text_features, logit_scale):
     """
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     image_features, text_features = image_features.float(), text_features.float()  # softmax over 30k logits: fp32
+    logit_scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=image_features.device)
     b = image_features.shape[0]
     all_text = _all_gather_with_grad(text_features) if distributed else text_features
     offset = dist.get_rank() * b if distributed else 0  # where this rank's pairs sit in the global batch
-    logits = logit_scale * image_features @ all_text.T  # [b, N]
-    positives = logits[:, offset: offset + b].diagonal()  # s * <I_i, T_i> for this rank's pairs
-    image_to_text = torch.logsumexp(logits, dim=1) - positives  # [b]
-    column_lse = torch.logsumexp(logits, dim=0)  # [N], over this rank's images
+    lse_row, lse_col = _ContrastiveLogSumExp.apply(image_features, all_text, logit_scale)  # [b], [N]
     if distributed:  # combine the partial column sums of all ranks: log sum_r exp(lse_r)
-        column_lse = torch.logsumexp(_all_gather_with_grad(column_lse[None]), dim=0)
-    text_to_image = column_lse[offset: offset + b] - positives  # [b]
+        lse_col = torch.logsumexp(_all_gather_with_grad(lse_col[None]), dim=0)
+    positives = logit_scale * (image_features * text_features).sum(dim=-1)  # s * <I_i, T_i>, [b]
+    image_to_text = lse_row - positives
+    text_to_image = lse_col[offset: offset + b] - positives
     return (image_to_text.mean() + text_to_image.mean()) / 2
 
 

@@ -234,3 +234,24 @@ def test_token_ids_beyond_vocabulary_raise_clear_error():
         model.encode_text(tokens)
     with pytest.raises(ValueError, match="context_length"):
         model.encode_text(torch.zeros(1, 80, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+
+def test_train_transform_applies_same_parameters_to_all_images_of_a_call():
+    import numpy as np
+    from PIL import Image
+    from data import CLIP_MEAN, eval_transform, train_transform
+    rng = np.random.default_rng(0)
+    a = Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    t = train_transform(32)
+    for seed in range(5):  # whatever crop/jitter/flip/blur was drawn, the three outputs are identical
+        torch.manual_seed(seed)
+        x, y, z = t(a, a.copy(), a.copy())
+        assert x.shape == (3, 32, 32) and torch.equal(x, y) and torch.equal(x, z)
+    outs = [t(a) for _ in range(3)]  # ...and the augmentation does vary between calls
+    assert not torch.equal(outs[0], outs[1]) or not torch.equal(outs[1], outs[2])
+    e = eval_transform(32)(Image.new("RGB", (64, 48), (255, 0, 0)))
+    assert e.shape == (3, 32, 32)
+    torch.testing.assert_close(e[:, 0, 0], (torch.tensor([1.0, 0, 0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(
+        [0.26862954, 0.26130258, 0.27577711]), atol=1e-3, rtol=0)
