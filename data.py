@@ -377,3 +377,109 @@ def train_transform(image_size=224):
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(CLIP_MEAN, CLIP_STD),
     ])
+
+
+# --- NIGHTS (human 2AFC triplets) ---
+# NIGHTS (Fu et al. 2023, "DreamSim") as distributed: a folder with data.csv and the images it names, e.g.
+#   nights/data.csv
+#   nights/ref/000/000.png, nights/distort/000/000_0.png, nights/distort/000/000_1.png, ...
+# data.csv has a header; we read it by column name (csv.DictReader) and ignore columns we do not use. The columns
+# we need: votes, right_vote, ref_path, left_path, right_path, split, is_imagenet. Following the reference loader,
+# only triplets with votes >= 6 (unanimous judgements) are kept; `test_imagenet` / `test_no_imagenet` are the rows
+# of `test` with is_imagenet true / false. The label is 1 when humans judged the RIGHT variation x~1 more similar
+# (right_vote > 0.5), 0 when the LEFT x~0 was: the convention of model.perceptual_hinge_loss (PI paper eq. 2).
+import csv  # imports of this section kept here, so the sections of data.py stay independent
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+NIGHTS_SPLITS = ("train", "val", "test", "test_imagenet", "test_no_imagenet")
+NIGHTS_COLUMNS = ("votes", "right_vote", "ref_path", "left_path", "right_path", "split", "is_imagenet")
+
+
+def _is_true(value):
+    return str(value).strip().lower() in ("true", "1", "yes", "t", "1.0")
+
+
+def read_nights_csv(root, split, min_votes=6):
+    """The rows of `<root>/data.csv` in `split` with votes >= min_votes, as dicts (paths are relative to root)."""
+    if split not in NIGHTS_SPLITS:
+        raise ValueError(f"unknown NIGHTS split '{split}'; choose one of {', '.join(NIGHTS_SPLITS)}")
+    csv_path = os.path.join(root, "data.csv")
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"NIGHTS index not found: {csv_path} (expected the dataset folder as distributed "
+                                f"with DreamSim: data.csv plus the ref/ and distort/ image folders)")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in NIGHTS_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path} lacks the column(s) {', '.join(missing)}; found {reader.fieldnames}")
+        rows = [r for r in reader if float(r["votes"]) >= min_votes]
+    base = "test" if split.startswith("test") else split
+    rows = [r for r in rows if r["split"] == base]
+    if split == "test_imagenet":
+        rows = [r for r in rows if _is_true(r["is_imagenet"])]
+    elif split == "test_no_imagenet":
+        rows = [r for r in rows if not _is_true(r["is_imagenet"])]
+    return rows
+
+
+class NightsTriplets(Dataset):
+    """NIGHTS triplets (x, x~0, x~1, y): returns (reference, left, right, label) with label a float 0/1.
+
+    augment=False: resize (bicubic) + centre crop + CLIP normalisation (data.eval_transform), as the reference
+    evaluation does. augment=True: the paper's training augmentations (§3.4, data.train_transform), drawn ONCE per
+    triplet and applied to all three images alike -- independent jitter of each image would change which
+    variation looks closer and so corrupt the human label.
+
+    The augmentation randomness of sample i in epoch e comes from its own generator seeded with (seed, e, i), so a
+    resumed run (or any number of DataLoader workers) sees exactly the same augmented images; call set_epoch(e)
+    before each epoch. subset < 1 keeps a fixed random fraction of the triplets (subset_seed, independent of the
+    training seed), for the PI paper's proposed sub-sampling study (§5). All image files are checked up front.
+    """
+
+    def __init__(self, root, split="train", image_size=224, augment=False, subset=1.0, subset_seed=0, seed=0,
+                 min_votes=6, check_files=True):
+        if not 0 < subset <= 1:
+            raise ValueError(f"subset must be a fraction in (0, 1], got {subset}")
+        self.root, self.split, self.augment, self.seed, self.epoch = root, split, augment, seed, 0
+        rows = read_nights_csv(root, split, min_votes)
+        if not rows:
+            raise ValueError(f"{os.path.join(root, 'data.csv')} has no triplets in split '{split}' with votes >= {min_votes}")
+        if check_files:  # fail before training starts, not hours in
+            paths = [r[k] for r in rows for k in ("ref_path", "left_path", "right_path")]
+            absent = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
+            if absent:
+                raise FileNotFoundError(f"{len(absent)} of the {len(paths)} images named in "
+                                        f"{os.path.join(root, 'data.csv')} for split '{split}' are missing under "
+                                        f"{root}, e.g. {', '.join(absent[:3])}")
+        if subset < 1:
+            g = torch.Generator().manual_seed(subset_seed)
+            keep = torch.randperm(len(rows), generator=g)[: max(1, round(subset * len(rows)))]
+            rows = [rows[i] for i in sorted(keep.tolist())]
+        self.rows = rows
+        self.transform = train_transform(image_size) if augment else eval_transform(image_size)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _load(self, rel_path):
+        with Image.open(os.path.join(self.root, rel_path)) as im:
+            return im.convert("RGB")
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        ref, left, right = (self._load(r[k]) for k in ("ref_path", "left_path", "right_path"))
+        if self.augment:
+            # one draw of the random parameters for the whole triplet, from a seed that depends only on
+            # (seed, epoch, index); fork_rng leaves the global RNG of the process as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+                ref, left, right = self.transform(ref, left, right)
+        else:
+            ref, left, right = self.transform(ref), self.transform(left), self.transform(right)
+        label = torch.tensor(1.0 if float(r["right_vote"]) > 0.5 else 0.0)
+        return ref, left, right, label
