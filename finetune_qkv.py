@@ -25,11 +25,11 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
 from model import CLIP, CLIPConfig, cleanup_distributed, load_state_dict_checked, setup_distributed
-from train_nights import add_run_args, train
+from train_nights import HelpFormatter, add_run_args, train
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the trained CLIP to fine-tune (a plain state dict)")
     p.add_argument("--config", default=None,
                    help="CLIPConfig JSON of the checkpoint (default: config.json beside it, else --model)")
@@ -37,8 +37,8 @@ def get_parser():
                    help="architecture when no config.json is found")
     add_run_args(p)
     p.add_argument("--lora", type=int, default=0, metavar="R",
-                   help="train a rank-R LoRA update of the QKV projections instead of the projections themselves "
-                        "(Sundaram et al.: 16)")
+                   help="0: train the QKV projections themselves; R > 0: train a rank-R LoRA update of them instead "
+                        "(Sundaram et al.: R = 16)")
     p.add_argument("--lora-alpha", type=float, default=0.5, help="LoRA scale alpha (Sundaram et al.: 0.5)")
     # the optimisation recipe: 8 epochs, the margin and AdamW are the PI paper's (§3.3); the rest follows Sundaram et al.
     p.add_argument("--epochs", type=int, default=8, help="PI paper §3.3 and Sundaram et al.: 8 epochs")

@@ -34,6 +34,15 @@ from model import (CLIP, CLIPConfig, JsonlLogger, adamw, check_finite, cleanup_d
                    training_state, two_afc_accuracy)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows the defaults that are values (not None, not flags)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_run_args(p):
     """Arguments about data, output and running, shared with finetune_qkv.py (the optimisation recipe is not)."""
     p.add_argument("--data", required=True, help="NIGHTS folder as distributed (data.csv + ref/ + distort/)")
@@ -41,7 +50,7 @@ def add_run_args(p):
     p.add_argument("--subset", type=float, default=1.0,
                    help="train on this fraction of the train triplets, 0.01 .. 1.0 (the sub-sampling study the PI paper "
                         "proposes in §5); the subset is fixed by --subset-seed, not by --seed")
-    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--subset-seed", type=int, default=0, help="which triplets --subset keeps")
     p.add_argument("--no-augment", action="store_true", help="train without the §3.4 augmentations")
     p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation draws")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
@@ -58,7 +67,7 @@ def add_run_args(p):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_run_args(p)
     p.add_argument("--model", choices=["vit-b-32", "tiny"], default="vit-b-32",
                    help="CLIP ViT-B/32 (PI paper §3.1) or the tiny test preset")
@@ -144,7 +153,7 @@ def train(args, model, d, out_name="nights.pt", export=None):
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if d.is_main:
         print(f"{len(train_set)} train / {len(val_set)} val triplets, {steps_per_epoch} steps per epoch, "
-              f"{n_train:,} trainable parameters, {d.world_size} process(es) on {device}")
+              f"{n_train:,} trainable parameters, {d.world_size} process(es) on {device}, {args.precision}")
 
     # State: fresh, or everything a killed run had when it last wrote state.pt.
     os.makedirs(args.out, exist_ok=True)
