@@ -167,7 +167,9 @@ def train(args, model, d, out_name="nights.pt", export=None):
             raise ValueError(f"{state_path} was written by a run with {state['steps_per_epoch']} steps per epoch and "
                              f"{state['total_steps']} in all, this one has {steps_per_epoch} and {total_steps}: resume "
                              f"with the same --batch-size, --epochs, --subset and number of processes")
-        step, best, init_metrics, epoch_loss = state["step"], state["best"], state["init_metrics"], state["epoch_loss"]
+        step, best, init_metrics = state["step"], state["best"], state["init_metrics"]
+        # the finished batches of the current epoch: their loss total (over all ranks) is carried by rank 0
+        epoch_loss = state["epoch_loss"] if d.is_main else [0.0, 0]
         if d.is_main:
             print(f"resumed from {state_path} at step {step}")
     elif os.path.exists(state_path):
@@ -177,11 +179,18 @@ def train(args, model, d, out_name="nights.pt", export=None):
             json.dump(dataclasses.asdict(model.config), f, indent=2)
     logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=d.is_main)
 
-    def save_state():
+    def epoch_loss_total():  # [loss sum, batches] of this epoch so far, over all ranks
+        total = torch.tensor(epoch_loss, dtype=torch.float64, device=device)
+        if d.world_size > 1:
+            dist.all_reduce(total)
+        return total.tolist()
+
+    def save_state():  # called by every rank (epoch_loss_total is a collective); rank 0 writes
+        loss_so_far = epoch_loss_total()
         if d.is_main:
             save_checkpoint(training_state(model, optimizer, step, steps_per_epoch=steps_per_epoch,
                                            total_steps=total_steps, best=best, init_metrics=init_metrics,
-                                           epoch_loss=epoch_loss, args=vars(args), config=dataclasses.asdict(model.config)),
+                                           epoch_loss=loss_so_far, args=vars(args), config=dataclasses.asdict(model.config)),
                             state_path)
 
     if init_metrics is None:  # the starting point, logged as epoch 0 (chance for a random init)
@@ -230,10 +239,8 @@ def train(args, model, d, out_name="nights.pt", export=None):
         bar.close()
 
         # end of epoch: mean train loss over all ranks, validation, checkpoints
-        train_loss = torch.tensor(epoch_loss, dtype=torch.float64, device=device)
-        if d.world_size > 1:
-            dist.all_reduce(train_loss)
-        metrics = {"epoch": epoch + 1, "step": step, "train_loss": (train_loss[0] / train_loss[1]).item(), "lr": lr,
+        loss_sum, batches = epoch_loss_total()
+        metrics = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / batches, "lr": lr,
                    **evaluate(model, val_loader, device, args.precision, args.margin), "epoch_s": time.time() - t0}
         epoch_loss = [0.0, 0]
         logger.log(**metrics)
