@@ -23,6 +23,12 @@ COUNTS = {"train": 96, "val": 48, "test": 10}
 TINY = ["--model", "tiny", "--workers", "0", "--batch-size", "16", "--lr", "1e-3", "--warmup-epochs", "0.5"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # these models and images are tiny: one intra-op thread is faster than two on a shared 2-core machine
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("nights"))
@@ -33,7 +39,7 @@ def nights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1(nights, tmp_path_factory):
     """One tiny stage-1 run shared by the tests that need a trained nights.pt."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     out = str(tmp_path_factory.mktemp("stage1"))
     # seed 1: a random init whose val 2AFC on the fixture is at chance (0.50), so the lift is learning, not luck
     result = train_nights.main(["--data", nights, "--out", out, "--epochs", "3", "--no-augment", "--seed", "1"] + TINY)
