@@ -371,8 +371,10 @@ def build_dataset(name, root, transform, download=False):
         names = imagenet_names()
         if os.path.isdir(os.path.join(root, "val")):
             ds = ImageList(folder_items(os.path.join(root, "val"), {w: i for i, w in enumerate(names)}), transform)
+        elif os.path.exists(os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")):
+            ds = tvd.ImageNet(root, split="val", transform=tf)  # unpacks the archives on first use
         else:
-            ds = tvd.ImageNet(root, split="val", transform=tf)
+            raise FileNotFoundError(f"neither {root}/val/<wnid>/ nor torchvision ImageNet's archives in {root}")
         note = "val"
     elif name in ("imagenet-a", "imagenet-o", "imagenet-r", "imagenet_sketch"):
         names = imagenet_names()  # folders are wnids; the class list is the wnids present, in ImageNet order
@@ -518,6 +520,8 @@ def zero_shot_eval(model, tokenizer, name, root, transform=None, batch_size=256,
         ds, classnames, note = build_dataset(name, root, transform, download)
     except (OSError, RuntimeError, ImportError, KeyError, ValueError) as e:  # files missing / incomplete
         raise DatasetUnavailable(f"{type(e).__name__}: {e}") from e
+    if len(ds) == 0:
+        raise DatasetUnavailable(f"no images found under {root}")
     with _eval_mode(model):
         clf = cached_classifier(model, tokenizer, classnames, prompts()[name]["templates"], device, cache_dir, cache_tag)
         feats, labels = encode_images(model, make_loader(ds, batch_size, workers, device), device, desc=name)
