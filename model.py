@@ -1,0 +1,498 @@
+"""CLIP ViT-B/32 written out by hand, the paper's losses, and the small training utilities every stage shares.
+
+Read top to bottom:
+  1. CLIPConfig                       -- ViT-B/32 by default (PI paper §3.1), a tiny preset for tests and CPU demos
+  2. the network                      -- pre-LN transformer blocks, vision tower, text tower, CLIP
+  3. the losses                       -- clip_loss (eq. 3), cosine_distance (eq. 1), perceptual_hinge_loss (eq. 2),
+                                         two_afc_accuracy
+  4. checkpoints                      -- plain state dicts, atomic saves, a strict loader with readable errors
+  5. training utilities               -- AdamW param groups, cosine schedule, torchrun set-up, JSONL log
+
+State-dict keys and shapes are those of OpenAI CLIP / open_clip `ViT-B-32` (302 keys, 151,277,313 parameters), so
+weights move between this file and theirs with `load_state_dict(strict=True)` in both directions.
+"""
+import json
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class CLIPConfig:
+    # vision tower: ViT-B/32 (PI paper §3.1)
+    image_size: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    # shared embedding space
+    embed_dim: int = 512
+    # text tower: CLIP's 63M-parameter text transformer
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+    # open_clip's `ViT-B-32` uses exact GELU; OpenAI's released weights were trained with QuickGELU
+    quick_gelu: bool = False
+    # the PI paper (§3.2) initialises the learnable logit scale to ln(100); CLIP's own default is ln(1/0.07)
+    logit_scale_init: float = math.log(100.0)
+    grad_checkpointing: bool = False
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """A ~2M-parameter CLIP (32-px images) for unit tests and CPU demos; same code path as ViT-B/32."""
+        cfg = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2, embed_dim=32,
+                   text_width=32, text_heads=2, text_layers=2)
+        cfg.update(overrides)
+        return cls(**cfg)
+
+
+OPENAI_LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP paper's initial temperature 0.07
+
+# -----------------------------------------------------------------------------------------------------------------
+# 2. The network
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection.
+
+    Parameter names (in_proj_weight, in_proj_bias, out_proj) and initialisation are those of nn.MultiheadAttention,
+    so state dicts match CLIP's; the computation goes through F.scaled_dot_product_attention, which picks the flash or
+    memory-efficient kernel on GPU and never materialises the [L, L] attention matrix there.
+    """
+
+    def __init__(self, width, heads):
+        super().__init__()
+        assert width % heads == 0, f"width {width} is not divisible by heads {heads}"
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # rows: [W_q; W_k; W_v]
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention does
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, causal=False):
+        B, L, W = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        # [B, L, W] -> [B, heads, L, W/heads]
+        q, k, v = (t.view(B, L, self.heads, W // self.heads).transpose(1, 2) for t in (q, k, v))
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(B, L, W))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads, quick_gelu):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, 4 * width)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(4 * width, width)),
+        ]))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu, causal):
+        super().__init__()
+        self.causal = causal  # the text tower attends only to earlier tokens
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+
+    def forward(self, x):
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # keep only the block input; recompute its activations in backward (~1.33x compute, ~Lx less memory)
+                x = checkpoint(block, x, self.causal, use_reentrant=False)
+            else:
+                x = block(x, self.causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT: 32x32 patches -> [CLS] + 49 tokens -> transformer -> ln_post(CLS) @ proj."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        width, grid = cfg.vision_width, cfg.image_size // cfg.patch_size
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, cfg.vision_layers, cfg.vision_heads, cfg.quick_gelu, causal=False)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+
+    def forward(self, images):
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj  # [B, embed_dim]
+
+
+class CLIP(nn.Module):
+    """Image tower (`visual.*`) and text tower (top-level keys, as in OpenAI's CLIP) sharing one embedding space."""
+
+    def __init__(self, cfg: CLIPConfig = CLIPConfig()):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg)
+        # text tower
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu, causal=True)
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))  # log of the inverse temperature
+        self._init_text_tower()
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def _init_text_tower(self):
+        # OpenAI CLIP's scheme (open_clip agrees); the vision tower keeps PyTorch's defaults, as theirs does.
+        width, layers = self.config.text_width, self.config.text_layers
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def set_grad_checkpointing(self, enable=True):
+        self.visual.transformer.grad_checkpointing = enable
+        self.transformer.grad_checkpointing = enable
+
+    def encode_image(self, images, normalize=False):
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens, normalize=False):
+        if not torch.compiler.is_compiling():
+            check_token_ids(tokens, self.config.vocab_size, self.config.context_length)
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.transformer(x))
+        # the sentence feature is the output at the EOT token, the highest id in each row
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images, tokens):
+        """Returns L2-normalised image and text features and exp(logit_scale), like open_clip's CLIP.forward."""
+        return self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True), self.logit_scale.exp()
+
+
+def check_token_ids(tokens, vocab_size, context_length):
+    """A clear error for token tensors the text tower cannot take (instead of an index crash inside nn.Embedding)."""
+    if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
+        raise ValueError(f"token ids must be an integer tensor [batch, length], got {tuple(tokens.shape)} {tokens.dtype}")
+    if tokens.shape[1] > context_length:
+        raise ValueError(f"token sequences of length {tokens.shape[1]} exceed the model's context_length {context_length}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids span [{lo}, {hi}] but the model's vocabulary has {vocab_size} entries: the tokenizer "
+                         f"(merges file) and CLIPConfig.vocab_size disagree")
+
+
+def vision_parameter_names(model):
+    return [n for n, _ in model.named_parameters() if n.startswith("visual.")]
+
+# -----------------------------------------------------------------------------------------------------------------
+# 3. Losses
+
+
+def _all_gather_with_grad(x):
+    """Concatenate x from every rank; the backward pass sums the gradients each rank computed for our slice."""
+    import torch.distributed.nn.functional as dist_fn  # autograd-aware collectives
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+class _ContrastiveLogSumExp(torch.autograd.Function):
+    """Row and column log-sum-exps of logits = s * I @ T^T, without keeping the logits for backward.
+
+    Autograd would save the [b, N] logits and a softmax per direction (about 4 N^2 floats at peak); this keeps only
+    the inputs and the two lse vectors and recomputes the logits in backward, so forward and backward each peak at
+    2 N^2 floats. At the paper's 5,120 x 30,720 per GPU that is 1.3 GB instead of 2.5+ GB.
+    """
+
+    @staticmethod
+    def forward(ctx, image_features, text_features, logit_scale):
+        logits = logit_scale * image_features @ text_features.T  # [b, N]
+        row_max, col_max = logits.amax(dim=1), logits.amax(dim=0)
+        buf = (logits - row_max[:, None]).exp_()  # the one extra N^2 buffer, reused for both directions
+        lse_row = buf.sum(dim=1).log_() + row_max  # [b]: log sum_j exp(s I_i.T_j)
+        torch.sub(logits, col_max[None, :], out=buf).exp_()
+        lse_col = buf.sum(dim=0).log_() + col_max  # [N]: log sum_i exp(s I_i.T_j) over these b images
+        ctx.save_for_backward(image_features, text_features, logit_scale, lse_row, lse_col)
+        return lse_row, lse_col
+
+    @staticmethod
+    def backward(ctx, grad_row, grad_col):
+        image_features, text_features, logit_scale, lse_row, lse_col = ctx.saved_tensors
+        logits = logit_scale * image_features @ text_features.T  # recomputed
+        # d lse_row_i / d l_ij = softmax over j; d lse_col_j / d l_ij = softmax over i
+        grad = (logits - lse_row[:, None]).exp_().mul_(grad_row[:, None])
+        grad += logits.sub_(lse_col[None, :]).exp_().mul_(grad_col[None, :])
+        del logits
+        grad_text_dir = grad @ text_features  # [b, D] = sum_j G_ij T_j
+        grad_image = logit_scale * grad_text_dir
+        grad_text = logit_scale * grad.T @ image_features
+        grad_scale = (grad_text_dir * image_features).sum()  # sum_ij G_ij (I_i . T_j)
+        return grad_image, grad_text, grad_scale
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE (PI paper eq. 3) from ONE logits matrix for both directions.
+
+    Features are L2-normalised [b, D] for this rank's b pairs; logit_scale is exp(log-scale).
+    Single process: logits = s * I @ T^T is [N, N]; image->text is a row-wise log-softmax, text->image the
+    column-wise one of the same matrix (no transposed copy, no second matmul), fused in _ContrastiveLogSumExp.
+    Under torch.distributed ("local loss"): each rank only gathers the *text* features and computes the [b, N]
+    block of its own images against all N texts. Row log-sum-exps are complete locally. Column log-sum-exps are
+    partial (over this rank's images only); their [N] vectors are gathered and combined, so each logit in the
+    global N x N matrix is computed exactly once in the whole job. The returned loss covers this rank's b images
+    and b texts; its mean over ranks equals the single-process loss on the concatenated batch, and with DDP's
+    gradient averaging the parameter gradients are those of one process holding the whole batch.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    image_features, text_features = image_features.float(), text_features.float()  # softmax over 30k logits: fp32
+    logit_scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=image_features.device)
+    b = image_features.shape[0]
+    all_text = _all_gather_with_grad(text_features) if distributed else text_features
+    offset = dist.get_rank() * b if distributed else 0  # where this rank's pairs sit in the global batch
+    lse_row, lse_col = _ContrastiveLogSumExp.apply(image_features, all_text, logit_scale)  # [b], [N]
+    if distributed:  # combine the partial column sums of all ranks: log sum_r exp(lse_r)
+        lse_col = torch.logsumexp(_all_gather_with_grad(lse_col[None]), dim=0)
+    positives = logit_scale * (image_features * text_features).sum(dim=-1)  # s * <I_i, T_i>, [b]
+    image_to_text = lse_row - positives
+    text_to_image = lse_col[offset: offset + b] - positives
+    return (image_to_text.mean() + text_to_image.mean()) / 2
+
+
+def cosine_distance(a, b):
+    """PI paper eq. 1: d(x, y) = 1 - cos(f(x), f(y)), row by row."""
+    return 1 - F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def perceptual_hinge_loss(ref, left, right, label, margin=0.05):
+    """PI paper eq. 2 (from Sundaram et al.): mean(max(0, m - Δd * ȳ)).
+
+    ref/left/right: image embeddings [B, D] of x, x~0, x~1. label: [B], 1 when humans judged the RIGHT image x~1
+    more similar, 0 when the LEFT x~0 was (NIGHTS' `right_vote` rounded). Δd = d(x, x~0) - d(x, x~1) and ȳ = 2y - 1,
+    so the loss pushes the preferred variation closer than the other by at least the margin.
+    """
+    delta_d = cosine_distance(ref, left) - cosine_distance(ref, right)
+    y_bar = 2 * label.float() - 1
+    return torch.clamp(margin - delta_d * y_bar, min=0).mean()
+
+
+def two_afc_accuracy(ref, left, right, label):
+    """Fraction of triplets where the model picks the image humans picked (2AFC). The model picks x~1 when
+    d(x, x~1) < d(x, x~0). With a soft label p = right_vote this is DreamSim's score (d1<d0)p + (d0<d1)(1-p);
+    ties count half."""
+    d0, d1 = cosine_distance(ref, left), cosine_distance(ref, right)
+    p = label.float()
+    return ((d1 < d0).float() * p + (d0 < d1).float() * (1 - p) + 0.5 * (d0 == d1).float()).mean()
+
+# -----------------------------------------------------------------------------------------------------------------
+# 4. Checkpoints: plain state dicts, written atomically, loaded strictly with errors that name the keys
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file
+    where a good checkpoint was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """Read a checkpoint file into a dict. Also reads OpenAI's released TorchScript archives (ViT-B-32.pt)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        try:  # OpenAI ships its weights as a TorchScript model
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception:
+            raise CheckpointError(f"could not read checkpoint {path}: {err}") from err
+
+
+def _plain_state_dict(sd):
+    """Accept the wrappers people actually have: {'state_dict': ...} (open_clip), {'model': ...} (our training
+    state), DDP's 'module.' prefix, OpenAI's extra integer entries."""
+    for key in ("state_dict", "model"):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+
+
+def load_state_dict_checked(module, state_dict_or_path, prefix="", what=None):
+    """Strictly load weights into `module`, raising one CheckpointError that names every missing, unexpected and
+    mis-shaped key. With prefix="visual.", only the source's `visual.*` tensors are used (for `--init nights.pt`)."""
+    what = what or (state_dict_or_path if isinstance(state_dict_or_path, str) else "state dict")
+    sd = load_checkpoint(state_dict_or_path) if isinstance(state_dict_or_path, str) else state_dict_or_path
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{what}: expected a state dict, got {type(sd).__name__}")
+    sd = _plain_state_dict(sd)
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointError(f"{what}: holds no '{prefix}*' tensors")
+    expected = module.state_dict()
+    missing = [prefix + k for k in expected if k not in sd]
+    unexpected = [prefix + k for k in sd if k not in expected]
+    shapes = [f"{prefix + k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        def show(name, keys):
+            return f"\n  {len(keys)} {name}: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "") if keys else ""
+        raise CheckpointError(f"{what} does not match the model ({type(module).__name__})"
+                              + show("missing keys", missing) + show("unexpected keys", unexpected)
+                              + show("mis-shaped keys", shapes))
+    module.load_state_dict(sd, strict=True)
+    return module
+
+# -----------------------------------------------------------------------------------------------------------------
+# 5. Training utilities shared by train_nights.py, train_clip.py and finetune_qkv.py
+
+
+def training_state(model, optimizer, step, **extra):
+    """Everything `--resume` needs to continue a run exactly: weights, optimiser moments, the step counter, the RNG."""
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                rng=torch.get_rng_state(), **extra)
+
+
+def resume_training_state(path, model, optimizer):
+    """Restore a `training_state` written by save_checkpoint into model and optimizer; returns the whole dict
+    (step, epoch, and whatever else the script stored)."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+        raise CheckpointError(f"{path} is not a training-state checkpoint (needs model, optimizer, step); "
+                              f"to start from plain weights use --init instead of --resume")
+    load_state_dict_checked(model, state["model"], what=f"{path} [model]")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state
+
+
+def check_finite(loss, step, last_checkpoint=None):
+    """Stop instead of training on NaN/inf: the message names the step; the last good checkpoint is untouched."""
+    if not torch.isfinite(loss).all():
+        where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}{where}")
+
+
+def adamw(model, lr, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6):
+    """AdamW with open_clip's decay rule: decay matrices and embeddings (ndim >= 2), not gains, biases or the
+    logit scale. Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def cosine_lr(step, total_steps, warmup_steps, base_lr):
+    """Linear warm-up to base_lr, then cosine decay to 0; evaluated every optimiser step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a plain single process."""
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return Dist(rank, world, local, device)
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class JsonlLogger:
+    """One JSON object per line (easy to plot with pandas or jq); only rank 0 writes; every line is flushed so
+    nothing is lost when a run dies. Appends, so a resumed run continues the same file."""
+
+    def __init__(self, path, enabled=True):
+        self.file = None
+        if enabled and path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a")
+
+    def log(self, **record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
