@@ -871,10 +871,13 @@ def report_markdown(ours, base=None, comparison=None):
                                        for k in ("ours", "base", "delta")) + " |" for fam, v in fams.items()))
         parts.append(f"PI-style count: {comparison['summary']}.")
     parts += ["## Retrieval (Table 2)", table2(ours, base)]
-    if ours.get("nights"):
+    nights = ours.get("nights")
+    if nights and "skipped" in nights:
+        parts += ["## NIGHTS 2AFC", f"skipped: {nights['skipped']} ({nights['path']})"]
+    elif nights:
         parts += ["## NIGHTS 2AFC", "| Split | 2AFC | n |\n|---|---:|---:|\n" + "\n".join(
-            f"| {s} | {_f(v.get('2afc'))} | {v.get('n', v.get('skipped', ''))} |"
-            for s, v in ours["nights"].items() if isinstance(v, dict))]
+            f"| {s} | {_f(v.get('2afc'))} | {v.get('n', 'skipped: ' + v.get('skipped', ''))} |"
+            for s, v in nights.items())]
     if ours.get("probes"):
         parts += ["## Perceptual probes", "```json\n" + json.dumps(ours["probes"], indent=1) + "\n```"]
     return "\n\n".join(parts) + "\n"

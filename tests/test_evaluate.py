@@ -543,13 +543,15 @@ def test_cli_end_to_end_with_compare_and_skips(tmp_path):
     else:
         assert "NightsTriplets" in ours["nights"]["skipped"]
     md = (out / "report.md").read_text()
+    assert "## NIGHTS 2AFC" in md and ("| val |" in md or "skipped: data.NightsTriplets" in md)
     assert "| Dataset | Task | #Test | #Cls | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |" in md
     assert "| ImageNet-A | Visual recog. | 9 | 3 |" in md and "| CIFAR-10 | Visual recog. | — | 10 | skipped |" in md
     assert "Flickr 1K Test I→T R@1" in md and "| Δ |" in md and comp["summary"] in md
-    # a base results.json is accepted in place of a checkpoint and gives the same comparison
+    # the base model's own results.json (its run's "ours") is accepted in place of its checkpoint
+    (tmp_path / "base_results.json").write_text(json.dumps({"ours": base}))
     ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config-json", cfg, "--merges", merges,
              "--data-root", str(root), "--datasets", "imagenet-a", "--retrieval", "", "--out", str(tmp_path / "o2"),
-             "--compare", str(out / "results.json"), "--workers", "0", "--device", "cpu"])
+             "--compare", str(tmp_path / "base_results.json"), "--workers", "0", "--device", "cpu"])
     res2 = json.loads((tmp_path / "o2" / "results.json").read_text())
     assert res2["comparison"]["datasets"]["imagenet-a"] == comp["datasets"]["imagenet-a"]
 
