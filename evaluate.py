@@ -869,7 +869,7 @@ def report_markdown(ours, base=None, comparison=None):
         parts.append("| Family | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |\n|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(
             f"| {fam} | " + " | ".join(_f(v.get(m, {}).get(k), k == "delta") for m in ("top1", "top5")
                                        for k in ("ours", "base", "delta")) + " |" for fam, v in fams.items()))
-        parts.append(f"PI-style count: {comparison['summary']}.")
+        parts.append(f"Ours vs base: {comparison['summary']}.")
     parts += ["## Retrieval (Table 2)", table2(ours, base)]
     nights = ours.get("nights")
     if nights and "skipped" in nights:
@@ -880,6 +880,10 @@ def report_markdown(ours, base=None, comparison=None):
             for s, v in nights.items())]
     if ours.get("probes"):
         parts += ["## Perceptual probes", "```json\n" + json.dumps(ours["probes"], indent=1) + "\n```"]
+    gone = [(BENCHMARKS[n].title, r) for n, r in ours["zeroshot"].items() if "skipped" in r]
+    gone += [(RETRIEVAL[n][0], r) for n, r in ours["retrieval"].items() if "skipped" in r]
+    if gone:
+        parts += ["## Skipped (files not found)", "\n".join(f"- {t}: {r['skipped']} ({r['path']})" for t, r in gone)]
     return "\n\n".join(parts) + "\n"
 
 # -----------------------------------------------------------------------------------------------------------------

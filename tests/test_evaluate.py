@@ -543,6 +543,7 @@ def test_cli_end_to_end_with_compare_and_skips(tmp_path):
     else:
         assert "NightsTriplets" in ours["nights"]["skipped"]
     md = (out / "report.md").read_text()
+    assert f"- CIFAR-10: missing ({root / 'cifar10'})" in md
     assert "## NIGHTS 2AFC" in md and ("| val |" in md or "skipped: data.NightsTriplets" in md)
     assert "| Dataset | Task | #Test | #Cls | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |" in md
     assert "| ImageNet-A | Visual recog. | 9 | 3 |" in md and "| CIFAR-10 | Visual recog. | — | 10 | skipped |" in md
