@@ -46,7 +46,6 @@ import json
 import math
 import os
 import re
-import sys
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, fields
 

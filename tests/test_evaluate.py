@@ -4,7 +4,6 @@ import json
 import math
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
@@ -12,12 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import evaluate as ev  # noqa: E402
-from model import CLIP, CLIPConfig  # noqa: E402
-
-torch.set_num_threads(2)
+import data
+import evaluate as ev
+from model import CLIP, CLIPConfig
 
 # -----------------------------------------------------------------------------------------------------------------
 # metrics
