@@ -492,17 +492,15 @@ class DatasetUnavailable(Exception):
     """A benchmark's files are missing or incomplete: the run reports it as skipped and goes on."""
 
 
-def _eval_mode(model):
+@contextlib.contextmanager
+def eval_mode(model):
     """Evaluate in eval mode and put the model back as it was (train_clip.py calls these mid-training)."""
-    @contextlib.contextmanager
-    def ctx():
-        was = model.training
-        model.eval()
-        try:
-            yield
-        finally:
-            model.train(was)
-    return ctx()
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def _device_of(model):
@@ -521,13 +519,13 @@ def zero_shot_eval(model, tokenizer, name, root, transform=None, batch_size=256,
         raise DatasetUnavailable(f"{type(e).__name__}: {e}") from e
     if len(ds) == 0:
         raise DatasetUnavailable(f"no images found under {root}")
-    with _eval_mode(model):
+    with eval_mode(model):
         clf = cached_classifier(model, tokenizer, classnames, prompts()[name]["templates"], device, cache_dir, cache_tag)
         feats, labels = encode_images(model, make_loader(ds, batch_size, workers, device), device, desc=name)
     logits = 100 * feats @ clf
-    k5 = len(classnames) > 5
-    return {"top1": 100 * topk_accuracy(logits, labels, 1), "top5": 100 * topk_accuracy(logits, labels, 5) if k5 else None,
-            "n": len(ds), "n_classes": len(classnames), "split": note}
+    top5 = 100 * topk_accuracy(logits, labels, 5) if len(classnames) > 5 else None
+    return {"top1": 100 * topk_accuracy(logits, labels, 1), "top5": top5, "n": len(ds), "n_classes": len(classnames),
+            "split": note}
 
 
 class KarpathyRetrieval(Dataset):
@@ -561,7 +559,7 @@ def retrieval_eval(model, tokenizer, name, root, transform=None, batch_size=256,
     ds = KarpathyRetrieval(os.path.join(root, RETRIEVAL[name][1]), root, transform)
     texts = [c for caps in ds.captions for c in caps]
     text_to_image = [i for i, caps in enumerate(ds.captions) for _ in caps]
-    with _eval_mode(model):
+    with eval_mode(model):
         image_emb, _ = encode_images(model, make_loader(ds, batch_size, workers, device), device, desc=name)
         text_emb = encode_texts(model, tokenizer, texts, device)
     return {**retrieval_metrics(image_emb, text_emb, text_to_image), "n_images": len(ds), "n_texts": len(texts)}
@@ -582,7 +580,7 @@ def nights_eval(model, root, transform=None, batch_size=128, workers=4):
     device = _device_of(model)
     transform = transform or data.eval_transform(model.config.image_size)
     out = {}
-    with _eval_mode(model):
+    with eval_mode(model):
         for split in NIGHTS_SPLITS:
             try:
                 ds = NightsTriplets(root, split, transform)
@@ -626,7 +624,7 @@ def tid2013_eval(model, root, transform=None, batch_size=256, workers=4):
                 mos.append(float(score))
     paths = sorted({p for pair in pairs for p in pair})
     index = {p: i for i, p in enumerate(paths)}
-    with _eval_mode(model):
+    with eval_mode(model):
         emb, _ = encode_images(model, make_loader(ImageList([(p, 0) for p in paths], transform), batch_size, workers,
                                                   device), device, desc="tid2013")
     sim = np.array([float(emb[index[r]] @ emb[index[d]]) for r, d in pairs])
@@ -648,7 +646,7 @@ def cue_conflict_eval(model, tokenizer, root, transform=None, batch_size=256, wo
             if texture != c and texture in classes:
                 items.append((p, i))
                 textures.append(classes.index(texture))
-    with _eval_mode(model):
+    with eval_mode(model):
         clf = zero_shot_classifier(model, tokenizer, classes, prompts()["imagenet1k"]["templates"], device)
         emb, shape = encode_images(model, make_loader(ImageList(items, transform), batch_size, workers, device), device,
                                    desc="cue-conflict")
@@ -673,7 +671,7 @@ def noise_sensitivity_eval(model, tokenizer, root_c, root_clean, transform=None,
     images = np.load(os.path.join(root_c, "gaussian_noise.npy"), mmap_mode="r")
     labels = np.load(os.path.join(root_c, "labels.npy"))
     classes = cifar100_classes(root_clean)  # torchvision's list, as zero_shot_eval uses
-    with _eval_mode(model):
+    with eval_mode(model):
         clf = zero_shot_classifier(model, tokenizer, classes, prompts()["cifar100"]["templates"], device)
         feats, y = encode_images(model, make_loader(ArrayImages(images, labels, transform), batch_size, workers, device),
                                  device, desc="cifar100-c")

@@ -365,8 +365,9 @@ def test_nights_eval_matches_direct_two_afc(monkeypatch):
             return self.x[i, 0], self.x[i, 1], self.x[i, 2], self.y[i]
 
     monkeypatch.setattr(data, "NightsTriplets", FakeNights, raising=False)
-    model = tiny_model()
+    model = tiny_model().train()  # as train_clip.py / train_nights.py would hand it over mid-training
     out = ev.nights_eval(model, "unused", workers=0, batch_size=3)
+    assert model.training  # put back as it was
     for split in ev.NIGHTS_SPLITS:
         ds = FakeNights(None, split, None)
         with torch.no_grad():
