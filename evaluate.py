@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import csv
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -570,20 +571,27 @@ def retrieval_eval(model, tokenizer, name, root, transform=None, batch_size=256,
 NIGHTS_SPLITS = ("val", "test_imagenet", "test_no_imagenet")
 
 
+def nights_triplets(root, split, image_size):
+    """data.NightsTriplets without augmentation. Seam: the stage-1 reader takes (root, split, image_size=...) and
+    builds its own eval transform; an earlier sketch of it took (root, split, transform)."""
+    params = inspect.signature(data.NightsTriplets).parameters
+    if "transform" in params:
+        return data.NightsTriplets(root, split, transform=data.eval_transform(image_size))
+    return data.NightsTriplets(root, split, image_size=image_size)
+
+
 @torch.no_grad()
-def nights_eval(model, root, transform=None, batch_size=128, workers=4):
+def nights_eval(model, root, batch_size=128, workers=4):
     """2AFC accuracy (percent) on NIGHTS val, test_imagenet, test_no_imagenet, and their size-weighted test mean
     (DreamSim's overall score). Uses data.NightsTriplets and model.two_afc_accuracy."""
-    NightsTriplets = getattr(data, "NightsTriplets", None)
-    if NightsTriplets is None:
+    if not hasattr(data, "NightsTriplets"):
         return {"skipped": "data.NightsTriplets is not available in this checkout", "path": root}
     device = _device_of(model)
-    transform = transform or data.eval_transform(model.config.image_size)
     out = {}
     with eval_mode(model):
         for split in NIGHTS_SPLITS:
             try:
-                ds = NightsTriplets(root, split, transform)
+                ds = nights_triplets(root, split, model.config.image_size)
             except (FileNotFoundError, RuntimeError, ValueError) as e:
                 out[split] = {"skipped": str(e), "path": root}
                 continue

@@ -489,8 +489,9 @@ def _nights(root):
     import csv
     rows = []
     for i in range(6):
-        for sub, name in (("ref", f"{i:03d}.png"), ("distort", f"{i:03d}_0.png"), ("distort", f"{i:03d}_1.png")):
-            _write_images(os.path.join(root, sub, "000"), 1, seed=100 + i + len(name))
+        for k, (sub, name) in enumerate((("ref", f"{i:03d}.png"), ("distort", f"{i:03d}_0.png"),
+                                         ("distort", f"{i:03d}_1.png"))):
+            _write_images(os.path.join(root, sub, "000"), 1, seed=100 + 3 * i + k)
             os.replace(os.path.join(root, sub, "000", "img0.png"), os.path.join(root, sub, "000", name))
         split = ["train", "val", "test", "test", "test", "val"][i]
         rows.append(dict(id=i, left_vote=0.0 if i % 2 else 1.0, right_vote=1.0 if i % 2 else 0.0, votes=6,
