@@ -7,6 +7,11 @@ seeds' perceptual probes (TID2013, texture-shape bias, noise sensitivity).
         --data-root /data/eval --datasets all --retrieval flickr30k,coco --nights /data/nights \
         --out results/pi --compare runs/base/epoch_32.pt
     python evaluate.py --scaling runs/pi --samples-per-epoch 15000000 --merges ... --data-root ... --datasets all
+    python evaluate.py --checkpoint demo/pi.pt --compare demo/base.pt --model tiny --merges ... \
+        --datasets "" --retrieval "" --synthetic demo/world        # the CPU demo's synthetic world
+
+From training code: zero_shot_eval(model, tokenizer, "imagenet1k", root), retrieval_eval(model, tokenizer, json),
+nights_eval(model, nights_root), folder_zero_shot_eval(...), synthetic_eval(model, tokenizer, world_root).
 
 Everything reads from one folder per dataset under --data-root; a dataset whose files are missing is reported as
 skipped (with the path looked at), never a crash of the run. Layout (torchvision's own layout wherever torchvision has
@@ -168,7 +173,7 @@ def encode_texts(model, tokenizer, texts, device, batch_size=1024):
 def zero_shot_classifier(model, tokenizer, classnames, templates, device, batch_size=1024):
     """SPEC §5 (CLIP's prompt ensembling): for each class, encode every template filled with the class name,
     L2-normalise each, average, re-normalise. Returns [D, C] so that logits = 100 * image_emb @ classifier."""
-    texts = [t.format(c=c) for c in classnames for t in templates]
+    texts = [t.format(c, c=c) for c in classnames for t in templates]  # "{c}" (clip_benchmark) or "{}" templates
     emb = encode_texts(model, tokenizer, texts, device, batch_size)
     emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1).t().contiguous()
@@ -520,13 +525,32 @@ def zero_shot_eval(model, tokenizer, name, root, transform=None, batch_size=256,
         raise DatasetUnavailable(f"{type(e).__name__}: {e}") from e
     if len(ds) == 0:
         raise DatasetUnavailable(f"no images found under {root}")
+    r = zero_shot_on(model, tokenizer, ds, classnames, prompts()[name]["templates"], batch_size, workers, cache_dir,
+                     cache_tag, desc=name)
+    return {**r, "split": note}
+
+
+def zero_shot_on(model, tokenizer, ds, classnames, templates, batch_size=256, workers=4, cache_dir=None, cache_tag=None,
+                 desc="zero-shot"):
+    """Top-1 / top-5 (percent) on a dataset of (image, class index); top5 None where #classes <= 5."""
+    device = _device_of(model)
     with eval_mode(model):
-        clf = cached_classifier(model, tokenizer, classnames, prompts()[name]["templates"], device, cache_dir, cache_tag)
-        feats, labels = encode_images(model, make_loader(ds, batch_size, workers, device), device, desc=name)
+        clf = cached_classifier(model, tokenizer, classnames, templates, device, cache_dir, cache_tag)
+        feats, labels = encode_images(model, make_loader(ds, batch_size, workers, device), device, desc=desc)
     logits = 100 * feats @ clf
     top5 = 100 * topk_accuracy(logits, labels, 5) if len(classnames) > 5 else None
-    return {"top1": 100 * topk_accuracy(logits, labels, 1), "top5": top5, "n": len(ds), "n_classes": len(classnames),
-            "split": note}
+    return {"top1": 100 * topk_accuracy(logits, labels, 1), "top5": top5, "n": len(ds), "n_classes": len(classnames)}
+
+
+def folder_zero_shot_eval(model, tokenizer, folder, classnames, templates, transform=None, batch_size=256, workers=4):
+    """Zero-shot on an ImageFolder tree <folder>/<class>/*.png whose sorted folders are named by `classnames`
+    (the synthetic world's tasks; also handy for any custom set)."""
+    transform = transform or data.eval_transform(model.config.image_size)
+    dirs = class_folders(folder)
+    if len(dirs) != len(classnames):
+        raise ValueError(f"{folder} has {len(dirs)} class folders but {len(classnames)} class names were given")
+    ds = ImageList(folder_items(folder, {d: i for i, d in enumerate(dirs)}), transform)
+    return zero_shot_on(model, tokenizer, ds, classnames, templates, batch_size, workers, desc=os.path.basename(folder))
 
 
 class KarpathyRetrieval(Dataset):
@@ -553,11 +577,13 @@ class KarpathyRetrieval(Dataset):
             return self.transform(img.convert("RGB")), i
 
 
-def retrieval_eval(model, tokenizer, name, root, transform=None, batch_size=256, workers=4):
-    """Table 2: I->T and T->I R@1/5/10 (percent) on Flickr30k 1k test or COCO 5k test."""
+def retrieval_eval(model, tokenizer, json_path, image_root=None, transform=None, batch_size=256, workers=4):
+    """Table 2: I->T and T->I R@1/5/10 (percent) on the test split of a Karpathy-format JSON (Flickr30k 1k test,
+    COCO 5k test); images are looked up under image_root (default: the JSON's folder)."""
     device = _device_of(model)
     transform = transform or data.eval_transform(model.config.image_size)
-    ds = KarpathyRetrieval(os.path.join(root, RETRIEVAL[name][1]), root, transform)
+    ds = KarpathyRetrieval(json_path, image_root or os.path.dirname(json_path), transform)
+    name = os.path.basename(json_path)
     texts = [c for caps in ds.captions for c in caps]
     text_to_image = [i for i, caps in enumerate(ds.captions) for _ in caps]
     with eval_mode(model):
@@ -695,6 +721,21 @@ def cifar100_classes(root):
     import torchvision.datasets as tvd
     return tvd.CIFAR100(root, train=False).classes
 
+def synthetic_eval(model, tokenizer, root, batch_size=256, workers=4):
+    """The CPU demo's stand-in for Tables 1-2: zero-shot on the synthetic world's shape / colour / count folders and
+    retrieval on its Karpathy-format JSON (data.make_synthetic_world writes both under `root`)."""
+    out = {"zeroshot": {}, "retrieval": None}
+    for task, (classnames, templates) in data.synthetic_zeroshot_tasks().items():
+        folder = os.path.join(root, "zeroshot", task, "test")
+        out["zeroshot"][task] = (folder_zero_shot_eval(model, tokenizer, folder, classnames, templates,
+                                                       batch_size=batch_size, workers=workers)
+                                 if os.path.isdir(folder) else skipped("missing", folder))
+    json_path = os.path.join(root, "retrieval", "dataset_synthetic.json")
+    out["retrieval"] = (retrieval_eval(model, tokenizer, json_path, batch_size=batch_size, workers=workers)
+                        if os.path.exists(json_path) else skipped("missing", json_path))
+    return out
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # 7. One model, every benchmark: a dict with every number, missing data reported as skipped
 
@@ -703,11 +744,13 @@ def skipped(reason, path):
     return {"skipped": reason, "path": path}
 
 
-def evaluate(model, tokenizer, data_root, datasets=(), retrieval=(), nights=None, probes=(), batch_size=256,
-             workers=4, cache_dir=None, cache_tag=None, download=False, log=print):
+def evaluate(model, tokenizer, data_root, datasets=(), retrieval=(), nights=None, probes=(), synthetic=None,
+             batch_size=256, workers=4, cache_dir=None, cache_tag=None, download=False, log=print):
     """Everything the report needs for one model. Numbers are percentages (probe correlations and biases are
-    fractions). A benchmark whose files are missing is recorded as {"skipped": why, "path": where} and the run goes on."""
-    res = {"units": "percent", "zeroshot": {}, "families": {}, "retrieval": {}, "nights": None, "probes": {}}
+    fractions). A benchmark whose files are missing is recorded as {"skipped": why, "path": where} and the run goes on.
+    synthetic: root of data.make_synthetic_world (the CPU demo)."""
+    res = {"units": "percent", "zeroshot": {}, "families": {}, "retrieval": {}, "nights": None, "probes": {},
+           "synthetic": None}
     kw = dict(batch_size=batch_size, workers=workers)
     for name in datasets:
         root = os.path.join(data_root, BENCHMARKS[name].folder or name)
@@ -731,7 +774,7 @@ def evaluate(model, tokenizer, data_root, datasets=(), retrieval=(), nights=None
         try:
             if not os.path.exists(json_path):
                 raise FileNotFoundError(f"missing {json_path}")
-            r = retrieval_eval(model, tokenizer, name, root, **kw)
+            r = retrieval_eval(model, tokenizer, json_path, root, **kw)
             log(f"{name:32s} " + "  ".join(f"{k} {r[k]:5.1f}" for k in RETRIEVAL_METRICS))
         except FileNotFoundError as e:
             r = skipped(str(e), root)
@@ -740,6 +783,9 @@ def evaluate(model, tokenizer, data_root, datasets=(), retrieval=(), nights=None
     if nights:
         res["nights"] = nights_eval(model, nights, **kw) if os.path.isdir(nights) else skipped("missing", nights)
         log(f"{'nights':32s} {json.dumps(res['nights'])}")
+    if synthetic:
+        res["synthetic"] = synthetic_eval(model, tokenizer, synthetic, **kw)
+        log(f"{'synthetic':32s} {json.dumps(res['synthetic'])}")
     for probe in probes:
         res["probes"][probe] = run_probe(probe, model, tokenizer, data_root, res, kw)
         log(f"{probe:32s} {json.dumps(res['probes'][probe])}")
@@ -800,9 +846,20 @@ def compare(ours, base):
         o, b = ours["retrieval"].get(name, {}), base["retrieval"].get(name, {})
         if "i2t_r1" in o and "i2t_r1" in b:
             retrieval[name] = {k: {"ours": o[k], "base": b[k], "delta": o[k] - b[k]} for k in RETRIEVAL_METRICS}
+    synthetic = None
+    so, sb = ours.get("synthetic") or {}, base.get("synthetic") or {}
+    if so and sb:
+        synthetic = {"zeroshot": {t: {m: {"ours": r[m], "base": sb["zeroshot"][t][m], "delta": r[m] - sb["zeroshot"][t][m]}
+                                      for m in ("top1", "top5") if r.get(m) is not None
+                                      and sb["zeroshot"].get(t, {}).get(m) is not None}
+                                  for t, r in so["zeroshot"].items()},
+                     "retrieval": {k: {"ours": so["retrieval"][k], "base": sb["retrieval"][k],
+                                       "delta": so["retrieval"][k] - sb["retrieval"][k]}
+                                   for k in RETRIEVAL_METRICS if k in so["retrieval"] and k in sb["retrieval"]}}
     summary = (f"better on {count['win']} of {len(both)} classification benchmarks (top-1; "
                f"{count['tie']} ties, {count['loss']} losses)")
-    return {"datasets": datasets, "families": families, "top1_count": count, "retrieval": retrieval, "summary": summary}
+    return {"datasets": datasets, "families": families, "top1_count": count, "retrieval": retrieval,
+            "synthetic": synthetic, "summary": summary}
 
 
 def _f(v, signed=False):
@@ -863,19 +920,45 @@ def table2(ours, base=None):
     return "\n".join(lines)
 
 
+def synthetic_table(ours, base=None):
+    """Zero-shot top-1/top-5 per synthetic task and retrieval R@K, with Base and Δ columns when compared."""
+    so, sb = ours["synthetic"], (base or {}).get("synthetic") or {}
+    cols = ["Ours", "Base", "Δ"] if sb else ["Ours"]
+    lines = ["| Benchmark | n | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+
+    def row(label, n, vo, vb):
+        cells = [_f(vo)] + ([_f(vb), _f(vo - vb if vo is not None and vb is not None else None, True)] if sb else [])
+        lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    for task, r in so["zeroshot"].items():
+        b = sb.get("zeroshot", {}).get(task, {})
+        for m in ("top1", "top5"):
+            if "top1" in r and r.get(m) is not None:
+                row(f"{task} {m}", r["n"], r[m], b.get(m))
+    r, b = so["retrieval"] or {}, sb.get("retrieval") or {}
+    for k in RETRIEVAL_METRICS:
+        if k in r:
+            row(f"retrieval {k}", r["n_images"], r[k], b.get(k))
+    return "\n".join(lines)
+
+
 def report_markdown(ours, base=None, comparison=None):
-    parts = ["## Zero-shot classification (Table 1)", table1(ours, base)]
-    parts += ["## Family means (Figure 2)"]
-    if comparison is None:
-        parts.append("| Family | Top-1 | Top-5 |\n|---|---:|---:|\n" + "\n".join(
-            f"| {fam} | {_f(v['top1'])} | {_f(v['top5'])} |" for fam, v in ours["families"].items()))
-    else:
-        fams = comparison["families"]
-        parts.append("| Family | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |\n|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(
-            f"| {fam} | " + " | ".join(_f(v.get(m, {}).get(k), k == "delta") for m in ("top1", "top5")
-                                       for k in ("ours", "base", "delta")) + " |" for fam, v in fams.items()))
-        parts.append(f"Ours vs base: {comparison['summary']}.")
-    parts += ["## Retrieval (Table 2)", table2(ours, base)]
+    """report.md: Table 1, Figure 2's family means and the win count, Table 2, then whatever else was measured."""
+    parts = []
+    if ours["zeroshot"]:
+        parts += ["## Zero-shot classification (Table 1)", table1(ours, base), "## Family means (Figure 2)"]
+        if comparison is None:
+            parts.append("| Family | Top-1 | Top-5 |\n|---|---:|---:|\n" + "\n".join(
+                f"| {fam} | {_f(v['top1'])} | {_f(v['top5'])} |" for fam, v in ours["families"].items()))
+        else:
+            parts.append("| Family | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |\n|---|---:|---:|---:|---:|---:|---:|\n"
+                         + "\n".join(f"| {fam} | " + " | ".join(_f(v.get(m, {}).get(k), k == "delta")
+                                                                for m in ("top1", "top5") for k in ("ours", "base", "delta"))
+                                      + " |" for fam, v in comparison["families"].items()))
+            parts.append(f"Ours vs base: {comparison['summary']}.")
+    if ours["retrieval"]:
+        parts += ["## Retrieval (Table 2)", table2(ours, base)]
+    if ours.get("synthetic"):
+        parts += ["## Synthetic world (CPU demo)", synthetic_table(ours, base)]
     nights = ours.get("nights")
     if nights and "skipped" in nights:
         parts += ["## NIGHTS 2AFC", f"skipped: {nights['skipped']} ({nights['path']})"]
@@ -912,6 +995,11 @@ def scaling_rows(res, epoch, samples, path):
     for name, r in res["retrieval"].items():
         for k in RETRIEVAL_METRICS:
             row[f"{name} {k}"] = r.get(k)
+    for task, r in ((res.get("synthetic") or {}).get("zeroshot") or {}).items():
+        row[f"synthetic {task} top1"], row[f"synthetic {task} top5"] = r.get("top1"), r.get("top5")
+    for k in RETRIEVAL_METRICS:
+        if (res.get("synthetic") or {}).get("retrieval"):
+            row[f"synthetic {k}"] = res["synthetic"]["retrieval"].get(k)
     return row
 
 
@@ -1000,6 +1088,8 @@ def main(argv=None):
     p.add_argument("--retrieval", default="flickr30k,coco", help="comma list of: flickr30k, coco ('' for none)")
     p.add_argument("--nights", help="NIGHTS root (data.csv, ref/, distort/) for 2AFC on val / test splits")
     p.add_argument("--probes", default="", help=f"'all' or a comma list of: {', '.join(PROBES)}")
+    p.add_argument("--synthetic", help="root of data.make_synthetic_world (CPU demo): its zero-shot tasks, retrieval "
+                                       "and, unless --nights is given, its NIGHTS stand-in")
     p.add_argument("--out", default="results", help="folder for results.json, report.md, scaling.csv")
     p.add_argument("--compare", help="base model: a checkpoint (evaluated the same way) or an earlier results.json")
     p.add_argument("--scaling", help="run folder with per-epoch checkpoints (epoch_N.pt) for Figures 3-4")
@@ -1018,6 +1108,8 @@ def main(argv=None):
         p.error("give --checkpoint (and/or --scaling RUN_DIR)")
     if args.scaling and not args.samples_per_epoch:
         p.error("--scaling needs --samples-per-epoch (training pairs per epoch) to place checkpoints on the x axis")
+    if args.synthetic and not args.nights:
+        args.nights = os.path.join(args.synthetic, "nights")
     os.makedirs(args.out, exist_ok=True)
     tokenizer = data.Tokenizer(args.merges)
     cache_dir = None if args.no_cache else os.path.join(args.out, "cache")
@@ -1026,8 +1118,8 @@ def main(argv=None):
         print(f"== {what}: {checkpoint}")
         model = load_model(checkpoint, args.model, args.config_json, args.device)
         tag = fingerprint(checkpoint, os.path.abspath(args.merges) if args.merges else None, model.config.image_size)
-        res = evaluate(model, tokenizer, args.data_root, datasets, retrieval, args.nights, probes, args.batch_size,
-                       args.workers, cache_dir, tag, args.download)
+        res = evaluate(model, tokenizer, args.data_root, datasets, retrieval, args.nights, probes, args.synthetic,
+                       args.batch_size, args.workers, cache_dir, tag, args.download)
         return {"checkpoint": os.path.abspath(checkpoint), "config": asdict(model.config), **res}
 
     if args.checkpoint:
@@ -1048,7 +1140,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "report.md"), "w") as f:
             f.write(md)
         print(md)
-        if comparison:
+        if comparison and ours["zeroshot"]:
             print(comparison["summary"])
     if args.scaling:
         rows = []

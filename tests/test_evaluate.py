@@ -292,6 +292,9 @@ def test_zero_shot_classifier_equals_direct_computation():
             direct.append(m / m.norm())
     assert clf.shape == (32, 3)
     torch.testing.assert_close(clf, torch.stack(direct, 1), atol=1e-5, rtol=1e-5)
+    # "{}" templates (data.synthetic_zeroshot_tasks) fill in the same way as clip_benchmark's "{c}"
+    plain = ev.zero_shot_classifier(model, tok, classes, [t.replace("{c}", "{}") for t in templates], torch.device("cpu"))
+    torch.testing.assert_close(plain, clf)
 
 
 def _write_images(folder, n, seed, size=40):
@@ -553,6 +556,31 @@ def test_cli_end_to_end_with_compare_and_skips(tmp_path):
              "--compare", str(tmp_path / "base_results.json"), "--workers", "0", "--device", "cpu"])
     res2 = json.loads((tmp_path / "o2" / "results.json").read_text())
     assert res2["comparison"]["datasets"]["imagenet-a"] == comp["datasets"]["imagenet-a"]
+
+
+def test_cli_synthetic_world_with_compare(tmp_path):
+    merges, cfg, vocab = _tokenizer_files(tmp_path)
+    world = data.make_synthetic_world(str(tmp_path / "world"), seed=0, n_pairs=0, n_triplets=30, n_test_per_class=2,
+                                      n_retrieval=4, image_size=32)
+    torch.save(tiny_model(seed=1, vocab_size=vocab).state_dict(), tmp_path / "ours.pt")
+    torch.save(tiny_model(seed=2, vocab_size=vocab).state_dict(), tmp_path / "base.pt")
+    out = tmp_path / "out"
+    ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--compare", str(tmp_path / "base.pt"), "--config-json", cfg,
+             "--merges", merges, "--datasets", "", "--retrieval", "", "--synthetic", world.root, "--out", str(out),
+             "--workers", "0", "--device", "cpu"])
+    res = json.loads((out / "results.json").read_text())
+    syn, tasks = res["ours"]["synthetic"], data.synthetic_zeroshot_tasks()
+    for task, (classnames, _) in tasks.items():
+        r = syn["zeroshot"][task]
+        assert r["n"] == 2 * len(classnames) and r["n_classes"] == len(classnames)
+        assert (r["top5"] is None) == (len(classnames) <= 5)
+        d = res["comparison"]["synthetic"]["zeroshot"][task]["top1"]
+        assert d["delta"] == pytest.approx(r["top1"] - res["base"]["synthetic"]["zeroshot"][task]["top1"])
+    assert syn["retrieval"]["n_images"] == 4 and syn["retrieval"]["n_texts"] == 20
+    if hasattr(data, "NightsTriplets"):  # --synthetic also points NIGHTS at the world's stand-in
+        assert res["ours"]["nights"]["val"]["n"] > 0
+    md = (out / "report.md").read_text()
+    assert "## Synthetic world (CPU demo)" in md and "| shape top1 | 10 |" in md and "| retrieval i2t_r1 | 4 |" in md
 
 
 def test_cli_scaling_curves(tmp_path):
