@@ -241,7 +241,8 @@ BENCHMARKS = {
     "renderedsst2": Benchmark("Rendered-SST2", _F[4], "Sentiment cls.", 1821, 2),
     "stl10": Benchmark("STL-10", _F[4], "Visual recog.", 8000, 10),
 }
-RETRIEVAL = {"flickr30k": ("Flickr 1K Test", "dataset_flickr30k.json"), "coco": ("MS-COCO 2014 5K Test", "dataset_coco.json")}
+RETRIEVAL = {"flickr30k": ("Flickr 1K Test", "dataset_flickr30k.json"),  # name: (Table 2 heading, Karpathy JSON)
+             "coco": ("MS-COCO 2014 5K Test", "dataset_coco.json")}
 PROBES = ("tid2013", "cue_conflict", "noise")
 
 _PROMPTS = None
@@ -424,7 +425,8 @@ def objectnet(root, transform):
         in_imagenet = set(json.load(f))
     folders = sorted(d for d, lab in folder_to_label.items() if lab in in_imagenet)
     classes = [folder_to_label[d].lower() for d in folders]
-    return ImageList(folder_items(os.path.join(base, "images"), {d: i for i, d in enumerate(folders)}), transform), classes
+    items = folder_items(os.path.join(base, "images"), {d: i for i, d in enumerate(folders)})
+    return ImageList(items, transform), classes
 
 
 def caltech101(root, transform, n_train=30):
@@ -707,8 +709,8 @@ def noise_sensitivity_eval(model, tokenizer, root_c, root_clean, transform=None,
     classes = cifar100_classes(root_clean)  # torchvision's list, as zero_shot_eval uses
     with eval_mode(model):
         clf = zero_shot_classifier(model, tokenizer, classes, prompts()["cifar100"]["templates"], device)
-        feats, y = encode_images(model, make_loader(ArrayImages(images, labels, transform), batch_size, workers, device),
-                                 device, desc="cifar100-c")
+        loader = make_loader(ArrayImages(images, labels, transform), batch_size, workers, device)
+        feats, y = encode_images(model, loader, device, desc="cifar100-c")
     per_block = len(images) // 5
     noisy = [100 * topk_accuracy(feats[s:s + per_block] @ clf, y[s:s + per_block], 1)
              for s in range(0, 5 * per_block, per_block)]
@@ -720,6 +722,7 @@ def noise_sensitivity_eval(model, tokenizer, root_c, root_clean, transform=None,
 def cifar100_classes(root):
     import torchvision.datasets as tvd
     return tvd.CIFAR100(root, train=False).classes
+
 
 def synthetic_eval(model, tokenizer, root, batch_size=256, workers=4):
     """The CPU demo's stand-in for Tables 1-2: zero-shot on the synthetic world's shape / colour / count folders and
@@ -734,7 +737,6 @@ def synthetic_eval(model, tokenizer, root, batch_size=256, workers=4):
     out["retrieval"] = (retrieval_eval(model, tokenizer, json_path, batch_size=batch_size, workers=workers)
                         if os.path.exists(json_path) else skipped("missing", json_path))
     return out
-
 
 # -----------------------------------------------------------------------------------------------------------------
 # 7. One model, every benchmark: a dict with every number, missing data reported as skipped
@@ -796,7 +798,8 @@ def run_probe(probe, model, tokenizer, data_root, res, kw):
     """The seeds' probes; each needs its files under --data-root (see the module docstring)."""
     need = {"tid2013": [os.path.join(data_root, "tid2013", "mos_with_names.txt")],
             "cue_conflict": [os.path.join(data_root, "cue-conflict")],
-            "noise": [os.path.join(data_root, "CIFAR-100-C", "gaussian_noise.npy"), os.path.join(data_root, "cifar100")]}
+            "noise": [os.path.join(data_root, "CIFAR-100-C", "gaussian_noise.npy"),
+                      os.path.join(data_root, "cifar100")]}
     missing = [p for p in need[probe] if not os.path.exists(p)]
     if missing:
         return skipped("missing", ", ".join(missing))
@@ -824,15 +827,20 @@ def family_means(zeroshot, metric, names=None):
     return out
 
 
+def _vs(o, b, keys):
+    """{key: {ours, base, delta}} for the keys both results have a number for."""
+    return {k: {"ours": o[k], "base": b[k], "delta": o[k] - b[k]} for k in keys
+            if o.get(k) is not None and b.get(k) is not None}
+
+
 def compare(ours, base):
     """Ours vs base on the datasets both evaluated: per-dataset Δ (pp), family means of ours / base / Δ (Figure 2),
     and the paper's win/tie/loss count on top-1, where a tie is a Δ that rounds to 0.0 at the paper's one decimal."""
     zo, zb = ours["zeroshot"], base["zeroshot"]
     both = [n for n in BENCHMARKS if "top1" in zo.get(n, {}) and "top1" in zb.get(n, {})]
-    datasets, count = {}, {"win": 0, "tie": 0, "loss": 0}
+    datasets = {n: _vs(zo[n], zb[n], ("top1", "top5")) for n in both}
+    count = {"win": 0, "tie": 0, "loss": 0}
     for n in both:
-        datasets[n] = {m: {"ours": zo[n][m], "base": zb[n][m], "delta": zo[n][m] - zb[n][m]}
-                       for m in ("top1", "top5") if zo[n][m] is not None and zb[n][m] is not None}
         d = round(datasets[n]["top1"]["delta"], 1)
         count["win" if d > 0 else "loss" if d < 0 else "tie"] += 1
     families = {}
@@ -840,22 +848,16 @@ def compare(ours, base):
         for m in ("top1", "top5"):
             rows = [datasets[n][m] for n in both if BENCHMARKS[n].family == fam and m in datasets[n]]
             if rows:
-                families.setdefault(fam, {})[m] = {k: sum(r[k] for r in rows) / len(rows) for k in ("ours", "base", "delta")}
-    retrieval = {}
-    for name in RETRIEVAL:
-        o, b = ours["retrieval"].get(name, {}), base["retrieval"].get(name, {})
-        if "i2t_r1" in o and "i2t_r1" in b:
-            retrieval[name] = {k: {"ours": o[k], "base": b[k], "delta": o[k] - b[k]} for k in RETRIEVAL_METRICS}
+                families.setdefault(fam, {})[m] = {k: sum(r[k] for r in rows) / len(rows)
+                                                   for k in ("ours", "base", "delta")}
+    retrieval = {n: _vs(ours["retrieval"][n], base["retrieval"][n], RETRIEVAL_METRICS)
+                 for n in RETRIEVAL if n in ours["retrieval"] and n in base["retrieval"]}
     synthetic = None
-    so, sb = ours.get("synthetic") or {}, base.get("synthetic") or {}
+    so, sb = ours.get("synthetic"), base.get("synthetic")
     if so and sb:
-        synthetic = {"zeroshot": {t: {m: {"ours": r[m], "base": sb["zeroshot"][t][m], "delta": r[m] - sb["zeroshot"][t][m]}
-                                      for m in ("top1", "top5") if r.get(m) is not None
-                                      and sb["zeroshot"].get(t, {}).get(m) is not None}
+        synthetic = {"zeroshot": {t: _vs(r, sb["zeroshot"].get(t, {}), ("top1", "top5"))
                                   for t, r in so["zeroshot"].items()},
-                     "retrieval": {k: {"ours": so["retrieval"][k], "base": sb["retrieval"][k],
-                                       "delta": so["retrieval"][k] - sb["retrieval"][k]}
-                                   for k in RETRIEVAL_METRICS if k in so["retrieval"] and k in sb["retrieval"]}}
+                     "retrieval": _vs(so["retrieval"], sb["retrieval"], RETRIEVAL_METRICS)}
     summary = (f"better on {count['win']} of {len(both)} classification benchmarks (top-1; "
                f"{count['tie']} ties, {count['loss']} losses)")
     return {"datasets": datasets, "families": families, "top1_count": count, "retrieval": retrieval,
@@ -950,10 +952,10 @@ def report_markdown(ours, base=None, comparison=None):
             parts.append("| Family | Top-1 | Top-5 |\n|---|---:|---:|\n" + "\n".join(
                 f"| {fam} | {_f(v['top1'])} | {_f(v['top5'])} |" for fam, v in ours["families"].items()))
         else:
-            parts.append("| Family | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |\n|---|---:|---:|---:|---:|---:|---:|\n"
-                         + "\n".join(f"| {fam} | " + " | ".join(_f(v.get(m, {}).get(k), k == "delta")
-                                                                for m in ("top1", "top5") for k in ("ours", "base", "delta"))
-                                      + " |" for fam, v in comparison["families"].items()))
+            head = "| Family | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |\n|---|---:|---:|---:|---:|---:|---:|\n"
+            cells = lambda v: " | ".join(_f(v.get(m, {}).get(k), k == "delta")  # noqa: E731
+                                         for m in ("top1", "top5") for k in ("ours", "base", "delta"))
+            parts.append(head + "\n".join(f"| {fam} | {cells(v)} |" for fam, v in comparison["families"].items()))
             parts.append(f"Ours vs base: {comparison['summary']}.")
     if ours["retrieval"]:
         parts += ["## Retrieval (Table 2)", table2(ours, base)]
@@ -1074,16 +1076,20 @@ def load_model(checkpoint, preset=None, config_json=None, device="cpu"):
 def fingerprint(path, *extra):
     """Identifies a checkpoint file's contents cheaply (path, size, mtime) for the classifier cache."""
     st = os.stat(path)
-    return hashlib.sha1(json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, *extra]).encode()).hexdigest()[:16]
+    key = json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, *extra])
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="plain state dict (torch.save(model.state_dict())) of the model to evaluate")
-    p.add_argument("--model", choices=list(PRESETS), help="architecture preset (default: from the checkpoint, else ViT-B-32)")
+    p.add_argument("--model", choices=list(PRESETS),
+                   help="architecture preset (default: from the checkpoint, else ViT-B-32)")
     p.add_argument("--config-json", help="CLIPConfig fields as JSON (e.g. a learned tokenizer's vocab_size)")
     p.add_argument("--merges", help="BPE merges file (bpe_simple_vocab_16e6.txt.gz format) the model was trained with")
-    p.add_argument("--data-root", default="data", help="one folder per dataset, see the layout in this file's docstring")
+    p.add_argument("--data-root", default="data",
+                   help="one folder per dataset, see the layout in this file's docstring")
     p.add_argument("--datasets", default="all", help=f"'all' or a comma list of: {', '.join(BENCHMARKS)}")
     p.add_argument("--retrieval", default="flickr30k,coco", help="comma list of: flickr30k, coco ('' for none)")
     p.add_argument("--nights", help="NIGHTS root (data.csv, ref/, distort/) for 2AFC on val / test splits")

@@ -128,7 +128,8 @@ def test_power_law_fit_recovers_beta():
 # the paper's own numbers through compare() and the tables
 
 PAPER_TOP1 = {  # Table 1: (ours, base) top-1 and top-5 (None where the paper has none)
-    "imagenet1k": (18.9, 15.1, 39.0, 33.3), "imagenet-a": (5.3, 4.0, 19.0, 16.0), "imagenet-o": (21.6, 14.3, 46.2, 31.9),
+    "imagenet1k": (18.9, 15.1, 39.0, 33.3), "imagenet-a": (5.3, 4.0, 19.0, 16.0),
+    "imagenet-o": (21.6, 14.3, 46.2, 31.9),
     "imagenet-r": (15.0, 10.3, 34.7, 24.6), "imagenet_sketch": (4.1, 3.0, 11.7, 9.1),
     "imagenetv2": (13.1, 8.3, 30.6, 20.0), "objectnet": (7.3, 5.5, 20.5, 17.8), "cifar100": (35.9, 33.0, 67.5, 64.9),
     "caltech101": (44.7, 47.9, 82.7, 80.9), "clevr_closest_object_distance": (15.8, 16.1, 90.7, 91.0),
@@ -181,7 +182,8 @@ def test_table1_layout_with_compare():
 
 def test_unknown_dataset_fails_at_once_listing_known(tmp_path):
     with pytest.raises(SystemExit) as e:
-        ev.main(["--checkpoint", str(tmp_path / "never_read.pt"), "--datasets", "cifar10,imagenet", "--out", str(tmp_path)])
+        ev.main(["--checkpoint", str(tmp_path / "never_read.pt"), "--datasets", "cifar10,imagenet",
+                 "--out", str(tmp_path)])
     msg = str(e.value)
     assert "imagenet" in msg.split("Known")[0] and "imagenet1k" in msg and "stl10" in msg
 
@@ -229,8 +231,10 @@ def test_readers_label_the_non_torchvision_layouts(tmp_path):
     # VOC 2007: one crop per annotated object of the test images
     v = tmp_path / "voc2007/VOCdevkit/VOC2007"
     _touch(str(v / "ImageSets/Main/test.txt"), "000001\n")
-    obj = "<object><name>{}</name><difficult>{}</difficult><bndbox><xmin>{}</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>"
-    _touch(str(v / "Annotations/000001.xml"), "<annotation>" + obj.format("dog", 0, 1) + obj.format("tvmonitor", 1, 5) + "</annotation>")
+    obj = ("<object><name>{}</name><difficult>{}</difficult>"
+           "<bndbox><xmin>{}</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>")
+    _touch(str(v / "Annotations/000001.xml"),
+           "<annotation>" + obj.format("dog", 0, 1) + obj.format("tvmonitor", 1, 5) + "</annotation>")
     ds, classes, _ = ev.build_dataset("voc2007", str(tmp_path / "voc2007"), tf)
     assert [(y, box) for _, y, box in ds.items] == [(classes.index("dog"), [1, 2, 30, 40]), (19, [5, 2, 30, 40])]
     # Caltech-101: 102 folders in case-sensitive order; the first 30 images of a class are VTAB's train share
@@ -238,7 +242,8 @@ def test_readers_label_the_non_torchvision_layouts(tmp_path):
         for i in range(n):
             _touch(str(tmp_path / f"caltech101/101_ObjectCategories/{d}/image_{i:04d}.jpg"))
     ds, classes, _ = ev.build_dataset("caltech101", str(tmp_path / "caltech101"), tf)
-    assert [(os.path.basename(p), y) for p, y in ds.items] == [("image_0030.jpg", 0), ("image_0030.jpg", 1), ("image_0031.jpg", 1)]
+    assert [(os.path.basename(p), y) for p, y in ds.items] == [("image_0030.jpg", 0), ("image_0030.jpg", 1),
+                                                                ("image_0031.jpg", 1)]
     assert classes[:3] == ["background", "off-center face", "centered face"]
     # ImageNet-V2: folders are class indices, not ImageFolder's lexicographic order
     for d in ("0", "10", "2"):
@@ -247,8 +252,10 @@ def test_readers_label_the_non_torchvision_layouts(tmp_path):
     assert [y for _, y in ds.items] == [0, 10, 2] and len(classes) == 1000
     # ObjectNet: only the folders whose label maps onto ImageNet, named by their lower-cased label
     o = tmp_path / "objectnet/objectnet-1.0"
-    _touch(str(o / "mappings/folder_to_objectnet_label.json"), json.dumps({"air_freshener": "Air freshener", "alarm_clock": "Alarm clock", "zz": "Not in ImageNet"}))
-    _touch(str(o / "mappings/objectnet_to_imagenet_1k.json"), json.dumps({"Alarm clock": "analog clock", "Air freshener": "x"}))
+    _touch(str(o / "mappings/folder_to_objectnet_label.json"),
+           json.dumps({"air_freshener": "Air freshener", "alarm_clock": "Alarm clock", "zz": "Not in ImageNet"}))
+    _touch(str(o / "mappings/objectnet_to_imagenet_1k.json"),
+           json.dumps({"Alarm clock": "analog clock", "Air freshener": "x"}))
     for d in ("air_freshener", "alarm_clock", "zz"):
         _touch(str(o / f"images/{d}/1.png"))
     ds, classes, _ = ev.build_dataset("objectnet", str(tmp_path / "objectnet"), tf)
@@ -293,7 +300,8 @@ def test_zero_shot_classifier_equals_direct_computation():
     assert clf.shape == (32, 3)
     torch.testing.assert_close(clf, torch.stack(direct, 1), atol=1e-5, rtol=1e-5)
     # "{}" templates (data.synthetic_zeroshot_tasks) fill in the same way as clip_benchmark's "{c}"
-    plain = ev.zero_shot_classifier(model, tok, classes, [t.replace("{c}", "{}") for t in templates], torch.device("cpu"))
+    plain = ev.zero_shot_classifier(model, tok, classes, [t.replace("{c}", "{}") for t in templates],
+                                    torch.device("cpu"))
     torch.testing.assert_close(plain, clf)
 
 
@@ -409,7 +417,8 @@ def test_tid2013_correlations_match_direct(tmp_path):
 
 def test_cue_conflict_bias_counts(tmp_path, monkeypatch):
     root = tmp_path / "cue-conflict"
-    files = {"cat": ["cat1-dog2.png", "cat2-car1.png", "cat3-cat1.png"], "dog": ["dog1-cat3.png"], "car": ["car1-dog1.png"]}
+    files = {"cat": ["cat1-dog2.png", "cat2-car1.png", "cat3-cat1.png"], "dog": ["dog1-cat3.png"],
+             "car": ["car1-dog1.png"]}
     for shape, fs in files.items():
         _write_images(root / shape, len(fs), seed=len(shape))
         for i, f in enumerate(fs):
