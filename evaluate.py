@@ -682,6 +682,8 @@ def cue_conflict_eval(model, tokenizer, root, transform=None, batch_size=256, wo
             if texture != c and texture in classes:
                 items.append((p, i))
                 textures.append(classes.index(texture))
+    if not items:
+        return skipped("no <shape>/<shape>N-<texture>M.png images found", root)
     with eval_mode(model):
         clf = zero_shot_classifier(model, tokenizer, classes, prompts()["imagenet1k"]["templates"], device)
         emb, shape = encode_images(model, make_loader(ImageList(items, transform), batch_size, workers, device), device,
@@ -796,9 +798,10 @@ def evaluate(model, tokenizer, data_root, datasets=(), retrieval=(), nights=None
 
 def run_probe(probe, model, tokenizer, data_root, res, kw):
     """The seeds' probes; each needs its files under --data-root (see the module docstring)."""
-    need = {"tid2013": [os.path.join(data_root, "tid2013", "mos_with_names.txt")],
+    tid, c = os.path.join(data_root, "tid2013"), os.path.join(data_root, "CIFAR-100-C")
+    need = {"tid2013": [os.path.join(tid, f) for f in ("mos_with_names.txt", "reference_images", "distorted_images")],
             "cue_conflict": [os.path.join(data_root, "cue-conflict")],
-            "noise": [os.path.join(data_root, "CIFAR-100-C", "gaussian_noise.npy"),
+            "noise": [os.path.join(c, "gaussian_noise.npy"), os.path.join(c, "labels.npy"),
                       os.path.join(data_root, "cifar100")]}
     missing = [p for p in need[probe] if not os.path.exists(p)]
     if missing:

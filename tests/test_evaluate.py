@@ -448,6 +448,16 @@ def test_cue_conflict_bias_counts(tmp_path, monkeypatch):
     assert out["texture_bias"] == pytest.approx(1.0) and out["shape_bias"] == pytest.approx(0.0)
 
 
+def test_probes_without_their_files_are_skipped(tmp_path):
+    (tmp_path / "cue-conflict" / "cat").mkdir(parents=True)  # there, but without cue-conflict images
+    res = {"zeroshot": {}}
+    out = {p: ev.run_probe(p, tiny_model(), CharTokenizer(), str(tmp_path), res, {"workers": 0}) for p in ev.PROBES}
+    assert out["tid2013"]["skipped"] == "missing"
+    assert str(tmp_path / "tid2013" / "mos_with_names.txt") in out["tid2013"]["path"]
+    assert out["noise"]["skipped"] == "missing" and "gaussian_noise.npy" in out["noise"]["path"]
+    assert out["cue_conflict"]["skipped"].startswith("no <shape>")
+
+
 def test_noise_sensitivity_relative_drop(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     root = tmp_path / "CIFAR-100-C"
