@@ -858,7 +858,8 @@ class NightsTriplets(Dataset):
         self.root, self.split, self.augment, self.seed, self.epoch = root, split, augment, seed, 0
         rows = read_nights_csv(root, split, min_votes)
         if not rows:
-            raise ValueError(f"{os.path.join(root, 'data.csv')} has no triplets in split '{split}' with votes >= {min_votes}")
+            raise ValueError(f"{os.path.join(root, 'data.csv')} has no triplets in split '{split}' "
+                             f"with votes >= {min_votes}")
         if check_files:  # fail before training starts, not hours in
             paths = [r[k] for r in rows for k in ("ref_path", "left_path", "right_path")]
             absent = [p for p in paths if not os.path.isfile(os.path.join(root, p))]

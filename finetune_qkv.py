@@ -40,12 +40,13 @@ def get_parser():
                    help="0: train the QKV projections themselves; R > 0: train a rank-R LoRA update of them instead "
                         "(Sundaram et al.: R = 16)")
     p.add_argument("--lora-alpha", type=float, default=0.5, help="LoRA scale alpha (Sundaram et al.: 0.5)")
-    # the optimisation recipe: 8 epochs, the margin and AdamW are the PI paper's (§3.3); the rest follows Sundaram et al.
+    # the optimisation recipe: 8 epochs, the margin and AdamW are the PI paper's (§3.3); the rest is Sundaram et al.'s
     p.add_argument("--epochs", type=int, default=8, help="PI paper §3.3 and Sundaram et al.: 8 epochs")
     p.add_argument("--margin", type=float, default=0.05, help="hinge margin m (PI paper §3.1, Sundaram et al.)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="triplets per optimiser step over all GPUs (Sundaram et al.'s 16; the PI paper gives none)")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (Sundaram et al.'s 3e-4; the PI paper gives none)")
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="learning rate (Sundaram et al.'s 3e-4; the PI paper gives none)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW weight decay (ours: 0, as Sundaram et al. use Adam; the PI paper gives none)")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up length (ours: none)")

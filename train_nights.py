@@ -48,8 +48,8 @@ def add_run_args(p):
     p.add_argument("--data", required=True, help="NIGHTS folder as distributed (data.csv + ref/ + distort/)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--subset", type=float, default=1.0,
-                   help="train on this fraction of the train triplets, 0.01 .. 1.0 (the sub-sampling study the PI paper "
-                        "proposes in §5); the subset is fixed by --subset-seed, not by --seed")
+                   help="train on this fraction of the train triplets, 0.01 .. 1.0 (the sub-sampling study the PI "
+                        "paper proposes in §5); the subset is fixed by --subset-seed, not by --seed")
     p.add_argument("--subset-seed", type=int, default=0, help="which triplets --subset keeps")
     p.add_argument("--no-augment", action="store_true", help="train without the §3.4 augmentations")
     p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation draws")
@@ -73,7 +73,8 @@ def get_parser():
                    help="CLIP ViT-B/32 (PI paper §3.1) or the tiny test preset")
     # the optimisation recipe: epochs, margin and AdamW are the paper's; the other values the paper does not give
     p.add_argument("--epochs", type=int, default=32, help="PI paper §3.1: 32 epochs")
-    p.add_argument("--margin", type=float, default=0.05, help="hinge margin m, PI paper §3.1 (following Sundaram et al.)")
+    p.add_argument("--margin", type=float, default=0.05,
+                   help="hinge margin m, PI paper §3.1 (following Sundaram et al.)")
     p.add_argument("--batch-size", type=int, default=256,
                    help="triplets per optimiser step summed over all GPUs (ours; the paper does not give it)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (ours; not given in the paper)")
@@ -117,7 +118,8 @@ def evaluate(model, loader, device, precision, margin=0.05):
                                torch.tensor(float(n), device=device)]).double()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
-    return {"val_loss": (totals[0] / totals[2]).item(), "val_2afc": (totals[1] / totals[2]).item(), "val_n": int(totals[2])}
+    loss_sum, correct, n = totals.tolist()
+    return {"val_loss": loss_sum / n, "val_2afc": correct / n, "val_n": int(n)}
 
 
 def train(args, model, d, out_name="nights.pt", export=None):
@@ -190,7 +192,8 @@ def train(args, model, d, out_name="nights.pt", export=None):
         if d.is_main:
             save_checkpoint(training_state(model, optimizer, step, steps_per_epoch=steps_per_epoch,
                                            total_steps=total_steps, best=best, init_metrics=init_metrics,
-                                           epoch_loss=loss_so_far, args=vars(args), config=dataclasses.asdict(model.config)),
+                                           epoch_loss=loss_so_far, args=vars(args),
+                                           config=dataclasses.asdict(model.config)),
                             state_path)
 
     if init_metrics is None:  # the starting point, logged as epoch 0 (chance for a random init)
@@ -247,8 +250,9 @@ def train(args, model, d, out_name="nights.pt", export=None):
         better = best is None or (metrics["val_2afc"] > best["val_2afc"] if args.best_by == "val_2afc"
                                   else metrics["val_loss"] < best["val_loss"])
         if d.is_main:
-            tqdm.write(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-                       f"val 2AFC {metrics['val_2afc']:.4f}" + (" (best)" if better else ""))
+            tqdm.write(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, "
+                       f"val loss {metrics['val_loss']:.4f}, val 2AFC {metrics['val_2afc']:.4f}"
+                       + (" (best)" if better else ""))
             weights = export(model)
             save_checkpoint(weights, os.path.join(args.out, "last.pt"))
             if better:
