@@ -522,9 +522,13 @@ class ImageDecoder:
             scale *= 2
         if scale > 1 and img.format == "JPEG":
             img.draft("RGB", (full_w // scale, full_h // scale))  # Pillow picks this DCT scale (or 1 if it must)
-        sx, sy = img.size[0] / full_w, img.size[1] / full_h
-        box = (p["left"] * sx, p["top"] * sy, (p["left"] + p["width"]) * sx, (p["top"] + p["height"]) * sy)
-        return img.convert("RGB").resize((out_w, out_h), pil_modes_mapping[self.crop.interpolation], box=box)
+        resample = pil_modes_mapping[self.crop.interpolation]
+        box = (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
+        if img.size == (full_w, full_h):  # full-size decode: exactly torchvision's crop, then resize
+            return img.convert("RGB").crop(box).resize((out_w, out_h), resample)
+        sx, sy = img.size[0] / full_w, img.size[1] / full_h  # the box on the reduced image, in fractional pixels
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        return img.convert("RGB").resize((out_w, out_h), resample, box=box)
 
 
 def _augment(decoder, data, seed):
@@ -633,23 +637,33 @@ class TarImageText(IterableDataset):
     def set_epoch(self, epoch, start_step=0, positions=None):
         self.epoch, self.start_step, self.positions = epoch, start_step, dict(positions or {})
 
-    def _raw_stream(self, unit, n_units, bad):
+    def _pairs(self, unit, n_units, bad):
+        """This unit's endless stream of (image bytes, caption): its shards, in an order drawn from (seed, epoch,
+        pass), through a shuffle buffer that is emptied at the end of each pass, so that one pass yields every
+        sample once before the next pass begins."""
         order = list(self.shards)
-        random.Random(stable_seed(self.seed, self.epoch)).shuffle(order)
+        random.Random(stable_seed(self.seed, self.epoch)).shuffle(order)  # the same on every rank
         mine = order[unit::n_units]
+        for p in itertools.count():
+            random.Random(stable_seed(self.seed, self.epoch, unit, p)).shuffle(mine)
+            samples = (s for path in mine for s in tar_samples(path, bad))
+            n = 0
+            for pair in shuffle_buffer(self._usable(samples, bad), self.buffer_size,
+                                       random.Random(stable_seed(self.seed, self.epoch, unit, p, "buffer"))):
+                n += 1
+                yield pair
+            if n == 0:
+                raise RuntimeError(f"no usable samples in the shards {mine[:3]}...")
 
-        def passes():
-            for p in itertools.count():
-                random.Random(stable_seed(self.seed, self.epoch, unit, p)).shuffle(mine)
-                n = 0
-                for path in mine:
-                    for sample in tar_samples(path, bad):
-                        n += 1
-                        yield sample
-                if n == 0:
-                    raise RuntimeError(f"no readable samples in the shards {mine[:3]}...")
-
-        return shuffle_buffer(passes(), self.buffer_size, random.Random(stable_seed(self.seed, self.epoch, unit)))
+    @staticmethod
+    def _usable(samples, bad):
+        for sample in samples:
+            data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+            caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+            if data is None or not caption:
+                bad["no image" if data is None else "no caption"] += 1
+                continue
+            yield data, caption
 
     def __iter__(self):
         info = get_worker_info()
@@ -663,18 +677,13 @@ class TarImageText(IterableDataset):
         worker = (worker + self.start_step) % n_workers
         todo = (_steps_of_worker(self.steps_per_epoch, worker, n_workers)
                 - _steps_of_worker(self.start_step, worker, n_workers))
+        if todo <= 0:
+            return
         unit, skip = self.rank * n_workers + worker, self.positions.get(worker, 0)
         images, captions, bad = [], [], Counter()
-        for pos, sample in enumerate(self._raw_stream(unit, n_units, bad)):
-            if todo <= 0:
-                return
+        for pos, (data, caption) in enumerate(self._pairs(unit, n_units, bad)):
             if pos < skip:
-                continue  # consumed before the checkpoint
-            data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-            caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
-            if data is None or not caption:
-                bad["no image" if data is None else "no caption"] += 1
-                continue
+                continue  # consumed before the checkpoint: replayed without decoding
             try:
                 images.append(_augment(self.decoder, data, stable_seed(self.seed, self.epoch, unit, pos)))
             except Exception:  # corrupt, truncated or unsupported image
@@ -685,6 +694,8 @@ class TarImageText(IterableDataset):
                 yield _collate(images, captions, self.tokenizer, self.context_length, bad, worker=worker, pos=pos + 1)
                 images, captions, bad = [], [], Counter()
                 todo -= 1
+                if todo == 0:
+                    return
 
 
 # ---- CSV / TSV
@@ -790,6 +801,10 @@ class ImageTextData:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch, start_step)
             return DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.dataset.collate, **kw)
+        units = self.dataset.world_size * max(1, self.workers)
+        if len(self.dataset.shards) < units:  # (the workers check too; failing here is quicker)
+            raise ValueError(f"{len(self.dataset.shards)} shards cannot be dealt to {self.dataset.world_size} ranks "
+                             f"x {max(1, self.workers)} workers: use fewer --workers or split the data into more shards")
         self.dataset.set_epoch(epoch, start_step, positions)
         return DataLoader(self.dataset, batch_size=None, **kw)
 
