@@ -80,9 +80,9 @@ def get_args(argv=None):
     a("--log-every", type=int, default=1)
     a("--stop-after-steps", type=int, default=None,
       help="exit after this many steps in total WITHOUT saving (a stand-in for a crash, for tests)")
-    a("--zeroshot", default=None, help="a classification set for a zero-shot check at each epoch end "
-                                       "(a name evaluate.py knows, e.g. imagenet1k)")
-    a("--zeroshot-root", default=None, help="where that set lives")
+    a("--zeroshot", default=None, help="classification set(s) for a zero-shot check at each epoch end, comma-separated "
+                                       "names evaluate.py knows (e.g. imagenet1k,cifar10)")
+    a("--zeroshot-root", default=".", help="evaluate.py's --data-root: one folder per set")
     return p.parse_args(argv)
 
 
@@ -131,14 +131,19 @@ def all_ranks_sum(values, device):
     return t.tolist()
 
 
-def zero_shot_check(model, tokenizer, args):
-    """The seam to evaluate.py: top-1/top-5 on one classification set, or None if the set is not there."""
-    import evaluate  # only needed when --zeroshot is given
-    try:
-        return evaluate.zero_shot_eval(model, tokenizer, args.zeroshot, args.zeroshot_root, workers=args.workers)
-    except evaluate.DatasetUnavailable as err:
-        print(f"zero-shot check on {args.zeroshot} skipped: {err}")
-        return None
+def zero_shot_check(model, tokenizer, names, args):
+    """The seam to evaluate.py: zero-shot top-1/top-5 on each named set under --zeroshot-root (one folder per set,
+    as evaluate.py's --data-root). A set that is missing or fails is reported, never the end of the run."""
+    import evaluate
+    results = {}
+    for name in names:
+        root = os.path.join(args.zeroshot_root, evaluate.BENCHMARKS[name].folder or name)
+        try:
+            results[name] = evaluate.zero_shot_eval(model, tokenizer, name, root, workers=args.workers)
+        except Exception as err:  # DatasetUnavailable, or anything else: hours of training are worth more
+            print(f"zero-shot check on {name} failed: {type(err).__name__}: {err}")
+            results[name] = {"error": f"{type(err).__name__}: {err}"}
+    return results
 
 
 def main(argv=None):
@@ -151,6 +156,10 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (the loss) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
 
+    zeroshot = []
+    if args.zeroshot:  # check the names now, not after the first epoch
+        import evaluate
+        zeroshot = evaluate.parse_names(args.zeroshot, evaluate.BENCHMARKS, "--zeroshot set")
     tokenizer = data.Tokenizer(args.merges)
     make_config = CLIPConfig.tiny if args.model == "tiny" else CLIPConfig
     cfg = make_config(vocab_size=tokenizer.vocab_size, logit_scale_init=math.log(args.logit_scale_init),
@@ -261,8 +270,8 @@ def main(argv=None):
             if d.is_main:
                 save_checkpoint(raw.state_dict(), os.path.join(args.out, f"epoch_{epoch}.pt"))
                 record = dict(epoch=epoch, step=step, samples=step * args.batch_size)
-                if args.zeroshot:
-                    record["zeroshot"] = {args.zeroshot: zero_shot_check(raw, tokenizer, args)}
+                if zeroshot:
+                    record["zeroshot"] = zero_shot_check(raw, tokenizer, zeroshot, args)
                 logger.log(**record)
             if dist.is_initialized():
                 dist.barrier()  # the other ranks wait for the checkpoint and the zero-shot check
