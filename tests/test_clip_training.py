@@ -164,15 +164,24 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(csv_run, tm
 
 
 def test_zero_shot_check_at_each_epoch_end(csv_run, tmp_path, monkeypatch):
-    """The seam to evaluate.py: its zero_shot_eval is called with the model at every epoch end and logged."""
-    import types
+    """The seam to evaluate.py: zero_shot_eval runs on the model at every epoch end, on each set's folder under
+    --zeroshot-root, and lands in the log; a failing set is logged, not fatal; an unknown name fails at once."""
+    import evaluate
     seen = []
-    fake = types.SimpleNamespace(DatasetUnavailable=OSError,
-                                 zero_shot_eval=lambda model, tok, name, root, **kw: seen.append(name) or {"top1": 1.0})
-    monkeypatch.setitem(sys.modules, "evaluate", fake)
+
+    def fake_eval(model, tokenizer, name, root, **kw):
+        seen.append((name, os.path.basename(root)))
+        if name == "cifar100":
+            raise evaluate.DatasetUnavailable("no files")
+        return {"top1": 1.0, "top5": 2.0}
+
+    monkeypatch.setattr(evaluate, "zero_shot_eval", fake_eval)
     out = tmp_path / "zs"
-    train_clip.main(csv_run + ["--batch-size", "8", "--epochs", "2", "--out", str(out), "--zeroshot", "cifar10",
-                               "--zeroshot-root", str(tmp_path)])
-    assert seen == ["cifar10", "cifar10"]
+    train_clip.main(csv_run + ["--batch-size", "8", "--epochs", "2", "--out", str(out),
+                               "--zeroshot", "cifar10,cifar100", "--zeroshot-root", str(tmp_path)])
+    assert seen == [("cifar10", "cifar10"), ("cifar100", "cifar100")] * 2
     ends = [json.loads(line) for line in open(out / "log.jsonl") if "zeroshot" in line]
     assert [e["zeroshot"]["cifar10"]["top1"] for e in ends] == [1.0, 1.0]
+    assert "DatasetUnavailable" in ends[0]["zeroshot"]["cifar100"]["error"]
+    with pytest.raises(SystemExit, match="unknown --zeroshot set: imagenet"):
+        train_clip.main(csv_run + ["--batch-size", "8", "--out", str(out), "--zeroshot", "imagenet"])

@@ -25,6 +25,13 @@ def random_tokens(n, length=77, vocab=49408, generator=None):
     return t
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ----------------------------------------------------------------------------------------------- open_clip ViT-B-32
 
 @pytest.mark.parametrize("name,quick_gelu", [("ViT-B-32", False), ("ViT-B-32-quickgelu", True)])
@@ -100,7 +107,7 @@ def test_clip_loss_by_hand():
 
 
 def test_clip_loss_torchrun_two_ranks_equals_one_process(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "tests", "_dist_clip_loss.py"), str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=120)

@@ -1,0 +1,270 @@
+"""NIGHTS data, stage 1 (train_nights.py) and the perceptual fine-tuning baseline (finetune_qkv.py), on small real
+files written by tests/nights_fixture.py. No network; everything on CPU with the tiny CLIP."""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import finetune_qkv
+import train_nights
+from data import NightsTriplets, eval_transform, read_nights_csv
+from model import CLIP, CLIPConfig, CheckpointError, load_checkpoint, load_state_dict_checked
+from nights_fixture import make_nights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COUNTS = {"train": 96, "val": 48, "test": 10}
+# the stage-1 recipe for the tiny runs: no augmentation (20% grayscale would erase the colour rule of the fixture)
+TINY = ["--model", "tiny", "--workers", "0", "--batch-size", "16", "--lr", "1e-3", "--warmup-epochs", "0.5"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # these models and images are tiny: one intra-op thread is faster than two on a shared 2-core machine
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("nights"))
+    make_nights(root, COUNTS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage1(nights, tmp_path_factory):
+    """One tiny stage-1 run shared by the tests that need a trained nights.pt."""
+    torch.set_num_threads(1)
+    out = str(tmp_path_factory.mktemp("stage1"))
+    # seed 1: a random init whose val 2AFC on the fixture is at chance (0.50), so the lift is learning, not luck
+    result = train_nights.main(["--data", nights, "--out", out, "--epochs", "3", "--no-augment", "--seed", "1"] + TINY)
+    return out, result
+
+
+def tensors_equal(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+def test_rows_votes_and_splits(nights):
+    rows = {s: read_nights_csv(nights, s) for s in ("train", "val", "test", "test_imagenet", "test_no_imagenet")}
+    for split in ("train", "val", "test"):
+        assert len(rows[split]) == COUNTS[split]  # the 3 rows per split with votes < 6 are dropped
+        assert all(r["split"] == split and float(r["votes"]) >= 6 for r in rows[split])
+    assert all(r["is_imagenet"] == "True" for r in rows["test_imagenet"])
+    assert all(r["is_imagenet"] == "False" for r in rows["test_no_imagenet"])
+    assert len(rows["test_imagenet"]) > 0 and len(rows["test_no_imagenet"]) > 0
+    ids = lambda rs: sorted(r["id"] for r in rs)  # noqa: E731
+    assert ids(rows["test_imagenet"] + rows["test_no_imagenet"]) == ids(rows["test"])
+    assert len(read_nights_csv(nights, "train", min_votes=0)) == COUNTS["train"] + 3
+
+
+def test_items_label_direction_and_preprocessing(nights):
+    ds = NightsTriplets(nights, "val", image_size=32)
+    t = eval_transform(32)
+    for i in (0, 1, 2, 3):
+        row = ds.rows[i]
+        ref, left, right, label = ds[i]
+        assert label.item() == float(row["right_vote"])  # 1 = the RIGHT image x~1 is the more similar one
+        for got, key in ((ref, "ref_path"), (left, "left_path"), (right, "right_path")):
+            assert got.shape == (3, 32, 32)
+            assert torch.equal(got, t(Image.open(os.path.join(nights, row[key])).convert("RGB")))
+    assert {ds[i][3].item() for i in range(len(ds))} == {0.0, 1.0}
+
+
+def test_augmentation_same_parameters_for_the_whole_triplet(tmp_path):
+    # a triplet of three identical images: with shared random parameters the three outputs must stay identical,
+    # while independent draws would almost surely differ
+    root = str(tmp_path)
+    make_nights(root, {"train": 4, "val": 1, "test": 1})
+    ds = NightsTriplets(root, "train", image_size=32)
+    for r in ds.rows:
+        r["left_path"] = r["right_path"] = r["ref_path"]
+    aug = NightsTriplets(root, "train", image_size=32, augment=True, seed=5)
+    aug.rows = ds.rows
+    before = torch.get_rng_state()
+    outs = [aug[i] for i in range(len(aug))]
+    assert torch.equal(torch.get_rng_state(), before)  # per-sample generators: the global RNG is untouched
+    for ref, left, right, _ in outs:
+        assert torch.equal(ref, left) and torch.equal(ref, right)
+    plain = ds[0][0]
+    assert any(not torch.equal(o[0], plain) for o in outs)  # the augmentation did something
+    # reproducible per (seed, epoch, index); a new epoch draws new parameters
+    assert all(torch.equal(aug[i][0], outs[i][0]) for i in range(len(aug)))
+    aug.set_epoch(1)
+    assert any(not torch.equal(aug[i][0], outs[i][0]) for i in range(len(aug)))
+
+
+def test_subset_is_fixed_fraction(nights):
+    full = NightsTriplets(nights, "train", 32)
+    half = NightsTriplets(nights, "train", 32, subset=0.5, seed=1)
+    again = NightsTriplets(nights, "train", 32, subset=0.5, seed=7)  # the training seed does not move the subset
+    other = NightsTriplets(nights, "train", 32, subset=0.5, subset_seed=1)
+    ids = lambda d: [r["id"] for r in d.rows]  # noqa: E731
+    assert len(half) == COUNTS["train"] // 2 and ids(half) == ids(again) != ids(other)
+    assert set(ids(half)) <= set(ids(full)) and ids(half) == sorted(ids(half), key=int)
+    assert len(NightsTriplets(nights, "train", 32, subset=0.01)) == 1
+    with pytest.raises(ValueError, match="subset"):
+        NightsTriplets(nights, "train", 32, subset=0)
+
+
+def test_bad_input_messages(nights, tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.csv"):
+        NightsTriplets(str(tmp_path), "train")
+    with pytest.raises(ValueError, match="unknown NIGHTS split 'dev'.*test_no_imagenet"):
+        NightsTriplets(nights, "dev")
+    broken = str(tmp_path / "broken")
+    shutil.copytree(nights, broken)
+    victim = read_nights_csv(broken, "train")[3]["left_path"]
+    os.remove(os.path.join(broken, victim))
+    with pytest.raises(FileNotFoundError, match=f"1 of the 288 images .*'train'.*{victim}"):
+        NightsTriplets(broken, "train")
+    NightsTriplets(broken, "val")  # other splits are fine
+    # the script stops before training: nothing but the error
+    out = str(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=victim):
+        train_nights.main(["--data", broken, "--out", out] + TINY)
+    assert not os.path.exists(os.path.join(out, "state.pt"))
+
+
+# --- stage 1 ----------------------------------------------------------------------------------------------------
+
+
+def test_stage1_learns_and_leaves_text_tower(stage1):
+    out, result = stage1
+    init, last = result["init"]["val_2afc"], result["last"]["val_2afc"]
+    print(f"synthetic NIGHTS val 2AFC: init {init:.3f} -> after 3 epochs {last:.3f}")
+    assert init <= 0.6 and last >= 0.9
+    torch.manual_seed(1)
+    fresh = CLIP(CLIPConfig.tiny()).state_dict()  # the same random init the run started from
+    trained = load_checkpoint(os.path.join(out, "nights.pt"))
+    assert trained.keys() == fresh.keys()
+    for k in fresh:
+        if k.startswith("visual."):
+            continue
+        assert tensors_equal(trained[k], fresh[k]), k  # text tower and logit scale bit-identical
+    assert not torch.equal(trained["visual.proj"], fresh["visual.proj"])
+    # artefacts: config, log (epoch 0 = init, then 3 epochs), last / best, nights.pt = last (the default)
+    assert CLIPConfig(**json.load(open(os.path.join(out, "config.json")))) == CLIPConfig.tiny()
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3] and "val_2afc" in log[-1] and "train_loss" in log[-1]
+    last_pt = load_checkpoint(os.path.join(out, "last.pt"))
+    assert all(torch.equal(last_pt[k], trained[k]) for k in trained)
+    assert os.path.isfile(os.path.join(out, "best.pt"))
+
+
+def test_nights_pt_loads_as_init(stage1):
+    out, _ = stage1
+    fresh = CLIP(CLIPConfig.tiny())
+    load_state_dict_checked(fresh.visual, os.path.join(out, "nights.pt"), prefix="visual.")  # train_clip.py --init
+    CLIP(CLIPConfig.tiny()).load_state_dict(load_checkpoint(os.path.join(out, "nights.pt")), strict=True)
+
+
+def test_resume_matches_uninterrupted_run(nights, tmp_path):
+    # augmentation ON, so resuming must also reproduce the per-sample augmentation draws and the data order
+    args = ["--data", nights, "--epochs", "2", "--subset", "0.5", "--seed", "3"] + TINY  # 3 steps per epoch
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train_nights.main(args + ["--out", whole])
+    assert train_nights.main(args + ["--out", parts, "--stop-after-steps", "4"]) is None  # dies mid epoch 2
+    assert not os.path.exists(os.path.join(parts, "nights.pt"))
+    assert load_checkpoint(os.path.join(parts, "state.pt"))["step"] == 4
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_nights.main(args + ["--out", parts])  # never silently overwrites a run
+    train_nights.main(args + ["--out", parts, "--resume"])
+    a, b = load_checkpoint(os.path.join(whole, "nights.pt")), load_checkpoint(os.path.join(parts, "nights.pt"))
+    assert all(tensors_equal(a[k], b[k]) for k in a)
+    sa, sb = load_checkpoint(os.path.join(whole, "state.pt")), load_checkpoint(os.path.join(parts, "state.pt"))
+    assert sa["step"] == sb["step"] == 6
+    for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    la = [json.loads(x) for x in open(os.path.join(whole, "log.jsonl"))]
+    lb = [json.loads(x) for x in open(os.path.join(parts, "log.jsonl"))]
+    drop = lambda r: {k: v for k, v in r.items() if k != "epoch_s"}  # noqa: E731
+    assert [drop(r) for r in la] == [drop(r) for r in lb]  # same epoch losses, incl. the epoch cut in two
+
+
+# --- perceptual fine-tuning -------------------------------------------------------------------------------------
+
+
+def test_finetune_qkv_changes_only_qkv(nights, stage1, tmp_path):
+    base_dir, _ = stage1
+    base_path, out = os.path.join(base_dir, "nights.pt"), str(tmp_path / "ft")
+    result = finetune_qkv.main(["--checkpoint", base_path, "--data", nights, "--out", out,
+                                "--epochs", "1", "--workers", "0", "--lr", "1e-3", "--no-augment"])
+    base, tuned = load_checkpoint(base_path), load_checkpoint(os.path.join(out, "finetuned.pt"))
+    assert tuned.keys() == base.keys()
+    changed = [k for k in base if not tensors_equal(base[k], tuned[k])]
+    assert changed and all(finetune_qkv.is_qkv(k) for k in changed)
+    assert {k.rsplit(".", 1)[-1] for k in changed} == {"in_proj_weight", "in_proj_bias"}
+    assert "val_2afc" in result["last"]
+
+
+def test_finetune_lora_merges_into_plain_weights(nights, stage1, tmp_path):
+    base_dir, _ = stage1
+    base_path, out = os.path.join(base_dir, "nights.pt"), str(tmp_path / "lora")
+    r, alpha = 4, 0.5
+    finetune_qkv.main(["--checkpoint", base_path, "--data", nights, "--out", out, "--epochs", "1",
+                       "--workers", "0", "--lr", "1e-2", "--no-augment", "--lora", str(r), "--lora-alpha", str(alpha),
+                       "--final", "last"])
+    base, merged = load_checkpoint(base_path), load_checkpoint(os.path.join(out, "finetuned.pt"))
+    state = load_checkpoint(os.path.join(out, "state.pt"))["model"]
+    assert merged.keys() == base.keys()
+    CLIP(CLIPConfig.tiny()).load_state_dict(merged, strict=True)
+    n_blocks = CLIPConfig.tiny().vision_layers
+    for i in range(n_blocks):
+        key = f"visual.transformer.resblocks.{i}.attn.in_proj_weight"
+        prefix = f"visual.transformer.resblocks.{i}.attn.parametrizations.in_proj_weight."
+        A, B, W = state[prefix + "0.lora_A"], state[prefix + "0.lora_B"], state[prefix + "original"]
+        assert A.shape == (r, W.shape[1]) and B.shape == (W.shape[0], r)
+        assert tensors_equal(W, base[key])  # the base weight itself is frozen
+        assert B.abs().sum() > 0
+        torch.testing.assert_close(merged[key], base[key] + alpha / r * B @ A, rtol=0, atol=1e-6)
+    others = [k for k in base if not k.endswith("attn.in_proj_weight") or not k.startswith("visual.")]
+    assert all(tensors_equal(base[k], merged[k]) for k in others)
+
+
+def test_finetune_wrong_architecture_stops_early(nights, stage1, tmp_path):
+    base_dir, _ = stage1
+    wrong = str(tmp_path / "wrong.pt")
+    sd = load_checkpoint(os.path.join(base_dir, "nights.pt"))
+    sd.pop("visual.proj")
+    torch.save(sd, wrong)
+    out = str(tmp_path / "ft")
+    with pytest.raises(CheckpointError, match=r"(?s)wrong\.pt.*missing keys: visual\.proj"):
+        finetune_qkv.main(["--checkpoint", wrong, "--model", "tiny", "--data", nights, "--out", out])
+    config = tmp_path / "wide.json"  # the same weights read as a CLIP with a wider vision tower
+    config.write_text(json.dumps(dataclasses.asdict(CLIPConfig.tiny(vision_width=96))))
+    with pytest.raises(CheckpointError, match=r"(?s)nights\.pt.*mis-shaped keys: visual\.class_embedding"):
+        finetune_qkv.main(["--checkpoint", os.path.join(base_dir, "nights.pt"), "--config", str(config),
+                           "--data", nights, "--out", out])
+    assert not os.path.exists(out)
+
+
+# --- DDP --------------------------------------------------------------------------------------------------------
+
+
+def test_torchrun_two_processes_match_one(nights, tmp_path):
+    # two CPU processes (gloo) with half the batch each take the same steps as one process with the whole batch
+    args = ["--data", nights, "--epochs", "1", "--subset", "0.5", "--no-augment"] + TINY
+    one = str(tmp_path / "one")
+    train_nights.main(args + ["--out", one])
+    two = str(tmp_path / "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_nights.py")] + args + ["--out", two]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_checkpoint(os.path.join(one, "nights.pt")), load_checkpoint(os.path.join(two, "nights.pt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    la = json.loads(open(os.path.join(one, "log.jsonl")).readlines()[-1])
+    lb = json.loads(open(os.path.join(two, "log.jsonl")).readlines()[-1])
+    assert la["val_n"] == lb["val_n"] == COUNTS["val"]
+    assert la["val_2afc"] == pytest.approx(lb["val_2afc"], abs=1 / COUNTS["val"] + 1e-9)

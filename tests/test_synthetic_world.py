@@ -1,0 +1,187 @@
+"""The synthetic world of the CPU demo: deterministic, in the real on-disk formats, and labelled by its rule."""
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+import data
+
+SMALL = dict(n_pairs=40, samples_per_shard=16, n_triplets=60, n_test_per_class=2, n_retrieval=8, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    make = lambda name, **kw: data.make_synthetic_world(str(tmp_path_factory.mktemp(name)), **{**SMALL, **kw})
+    t = time.perf_counter()
+    a = make("a", seed=0)
+    seconds = time.perf_counter() - t
+    return {"a": a, "seconds": seconds, "b": make("b", seed=0), "c": make("c", seed=1),
+            "fewer_pairs": make("d", seed=0, n_pairs=20)}
+
+
+def _files(root):
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _nights_rows(world):
+    with open(os.path.join(world.nights, "data.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(world.nights, "changes.csv"), newline="") as f:
+        changes = {r["id"]: r for r in csv.DictReader(f)}
+    return rows, changes
+
+
+def test_same_seed_same_bytes_other_seed_other_data(worlds):
+    a, b, c = (_files(worlds[k].root) for k in "abc")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    assert a["nights/data.csv"] != c["nights/data.csv"]
+    assert a["nights/ref/000/000.png"] != c["nights/ref/000/000.png"]
+    assert a["shards/00000.tar"] != c["shards/00000.tar"]
+    # each part has its own seed: fewer image-text pairs leave the NIGHTS part byte-identical
+    d = _files(worlds["fewer_pairs"].root)
+    assert all(d[k] == a[k] for k in a if k.startswith("nights/"))
+
+
+def test_generation_is_fast(worlds):
+    n_images = 3 * 63 + 40 + 2 * 15 + 8  # NIGHTS (60 + 3 split-vote rows), pairs, zero-shot, retrieval
+    assert worlds["seconds"] < 10, f"{n_images} images took {worlds['seconds']:.1f} s"
+
+
+def test_nights_format(worlds):
+    w = worlds["a"]
+    with open(os.path.join(w.nights, "data.csv"), newline="") as f:
+        assert next(csv.reader(f)) == list(data.SYNTH_NIGHTS_HEADER)
+    rows, _ = _nights_rows(w)
+    assert len(rows) == 60 + 60 // 20 and [int(r["id"]) for r in rows] == list(range(len(rows)))
+    for r in rows:
+        i = int(r["id"])
+        assert (r["ref_path"], r["left_path"], r["right_path"]) == (
+            f"ref/000/{i:03d}.png", f"distort/000/{i:03d}_0.png", f"distort/000/{i:03d}_1.png")
+        for k in ("ref_path", "left_path", "right_path"):
+            with Image.open(os.path.join(w.nights, r[k])) as im:
+                assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
+        assert r["split"] in ("train", "val", "test") and r["is_imagenet"] in ("True", "False")
+        assert math.isclose(float(r["left_vote"]) + float(r["right_vote"]), 1) and int(r["votes"]) > 0 and r["prompt"]
+    # what the reference loader keeps (votes >= 6), per split: all five splits are non-empty
+    kept = [r for r in rows if int(r["votes"]) >= 6]
+    assert len(kept) == 60
+    for split in ("train", "val", "test"):
+        for flag in ("True", "False"):
+            assert any(r["split"] == split and r["is_imagenet"] == flag for r in kept), (split, flag)
+
+
+def test_nights_labels_follow_the_rule(worlds):
+    rows, changes = _nights_rows(worlds["a"])
+    for r in rows:
+        left, right = changes[r["id"]]["left_change"], changes[r["id"]]["right_change"]
+        if int(r["votes"]) >= 6:  # one minor and one major change: the minor one is unanimously closer
+            assert {left, right} in ({"pose", "colour"}, {"pose", "count"}, {"layout", "colour"}, {"layout", "count"})
+            assert float(r["right_vote"]) == (1.0 if right in data.MINOR_CHANGES else 0.0)
+        else:  # two changes of the same tier: split votes, dropped by the reader
+            assert {left, right} in ({"pose", "layout"}, {"colour", "count"})
+            assert 0 < float(r["right_vote"]) < 1 and int(r["votes"]) < 6
+
+
+def test_each_variation_changes_exactly_its_attribute():
+    rng = np.random.default_rng(0)
+    positions = lambda s: np.array([(x, y) for x, y, _, _ in s.objects])
+    for _ in range(200):
+        ref = data.random_scene(rng)
+        pose, layout, colour, count = (data.change_scene(rng, ref, k) for k in ("pose", "layout", "colour", "count"))
+        for v in (pose, layout, colour, count):
+            assert (v.shape, v.size, v.background, v.texture) == (ref.shape, ref.size, ref.background, ref.texture)
+        assert (pose.colour, pose.count) == (ref.colour, ref.count)
+        assert np.abs(positions(pose) - positions(ref)).max() < 0.1
+        turned = [abs((b[3] - a[3] + 180) % 360 - 180) for a, b in zip(ref.objects, pose.objects)]
+        assert min(turned) >= 20 - 1e-9 and max(turned) <= 45 + 1e-9
+        assert (layout.colour, layout.count) == (ref.colour, ref.count)
+        assert layout.region != ref.region or ref.region == "anywhere"  # crowded groups fall back to "anywhere"
+        assert np.linalg.norm(positions(layout) - positions(ref), axis=1).mean() > 0.2
+        assert [(r, a) for *_, r, a in layout.objects] == [(r, a) for *_, r, a in ref.objects]
+        assert colour.colour != ref.colour and colour.objects == ref.objects
+        assert count.colour == ref.colour and abs(len(count.objects) - len(ref.objects)) == 1
+        assert 1 <= len(count.objects) <= 4
+    # and the pixels show it: on a plain background the coloured area follows the count, the colour follows colour
+    ref = dataclasses.replace(data.random_scene(rng, colour="red", count="two"), texture="plain")
+
+    def coloured(scene):  # (fraction of the image the objects cover, their mean colour)
+        img = np.asarray(data.render_scene(scene, rng, 64), np.float32)
+        obj = np.abs(img - np.array(data.BACKGROUNDS[scene.background])).sum(-1) > 60
+        return obj.mean(), img[obj].mean(0)
+
+    area, rgb = coloured(ref)
+    count = data.change_scene(rng, ref, "count")
+    assert abs(coloured(count)[0] / area - len(count.objects) / 2) < 0.3
+    assert rgb[0] > 150 and np.abs(coloured(data.change_scene(rng, ref, "colour"))[1] - rgb).max() > 40
+
+
+def test_shards_are_img2dataset_webdataset(worlds):
+    w = worlds["a"]
+    assert [os.path.basename(p) for p in w.shards] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert w.shard_pattern.endswith("shards/{00000..00002}.tar")
+    n = 0
+    for s, path in enumerate(w.shards):
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+            keys = sorted({name.split(".")[0] for name in names})
+            assert names == [f"{k}.{ext}" for k in keys for ext in ("jpg", "json", "txt")]  # grouped, key order
+            for j, key in enumerate(keys):
+                assert key == f"{s:05d}{j:04d}"
+                with Image.open(io.BytesIO(tar.extractfile(f"{key}.jpg").read())) as im:
+                    assert im.format == "JPEG" and im.size == (32, 32)
+                text = tar.extractfile(f"{key}.txt").read().decode("utf-8")
+                meta = json.loads(tar.extractfile(f"{key}.json").read())
+                assert meta["key"] == key and meta["caption"] == text and (meta["width"], meta["height"]) == (32, 32)
+                # the caption names the colour and the shape
+                assert any(c in text for c in data.COLOURS) and any(sh in text for sh in data.SHAPES)
+                n += 1
+    assert n == 40
+
+
+def test_zeroshot_folders_read_by_imagefolder(worlds):
+    tasks = data.synthetic_zeroshot_tasks()
+    assert set(tasks) == set(worlds["a"].zeroshot) == {"shape", "colour", "count"}
+    for task, (classnames, templates) in tasks.items():
+        ds = ImageFolder(worlds["a"].zeroshot[task])
+        assert ds.classes == classnames and len(ds) == 2 * len(classnames)  # label i is classnames[i]
+        img, label = ds[len(ds) - 1]
+        assert img.size == (32, 32) and label == len(classnames) - 1
+        assert templates and all(t.count("{}") == 1 for t in templates)
+    assert tasks["count"][0] == ["four", "one", "three", "two"] and "circle" in tasks["shape"][0]
+
+
+def test_retrieval_karpathy_json(worlds):
+    w = worlds["a"]
+    with open(w.retrieval_json) as f:
+        images = json.load(f)["images"]
+    assert len(images) == 8
+    for im in images:
+        assert im["split"] == "test" and os.path.isfile(os.path.join(w.retrieval_root, im["filepath"], im["filename"]))
+        raws = [s["raw"] for s in im["sentences"]]
+        assert len(raws) == 5 == len(set(raws)) and all(r.strip() == r and "  " not in r for r in raws)
+
+
+def test_never_overwrites_data_it_did_not_write(tmp_path, worlds):
+    (tmp_path / "nights").mkdir()
+    with pytest.raises(FileExistsError):
+        data.make_synthetic_world(str(tmp_path), **SMALL)
+    assert (tmp_path / "nights").is_dir()
+    # its own world is replaced whole: no stale shard survives a smaller rewrite
+    w = data.make_synthetic_world(str(tmp_path / "own"), **SMALL)
+    w = data.make_synthetic_world(w.root, **{**SMALL, "n_pairs": 10})
+    assert sorted(os.listdir(os.path.join(w.root, "shards"))) == ["00000.tar"]
