@@ -967,12 +967,12 @@ class SeparableGaussianBlur(v2.GaussianBlur):
 def _blur_matrix(n, k, sigma, dtype):
     """[n, n] matrix M with (M @ v)[i] = sum_t g[t] * v[reflect(i + t - k // 2)]: torchvision's Gaussian kernel g
     (softmax of -(x / sigma)^2 on its grid) with reflect padding folded in."""
+    if k // 2 > n - 1:
+        raise ValueError(f"blur kernel {k} is too large for a side of {n} pixels")
     lim = (k - 1) / (2.0 * 2 ** 0.5)
     g = torch.softmax(torch.linspace(-lim, lim, k, dtype=dtype).div(sigma).pow(2).neg(), dim=0)
     idx = (torch.arange(n)[:, None] + torch.arange(k) - k // 2).abs()  # reflect at 0 ...
     idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)  # ... and at n - 1
-    if k // 2 > n - 1:
-        raise ValueError(f"blur kernel {k} is too large for a side of {n} pixels")
     return torch.zeros(n, n, dtype=dtype).scatter_add_(1, idx, g.expand(n, k).contiguous())
 
 
@@ -992,7 +992,7 @@ class ImageDecoder:
     If the transform starts with RandomResizedCrop (train_transform), the crop box is drawn -- by that transform's
     own make_params, so with the same random numbers -- from the image size in the file header, before decoding.
     Pillow's JPEG draft mode then decodes at the smallest DCT scale (1, 1/2, 1/4, 1/8) at which the box still
-    covers at least the output size, and Pillow crops and resizes in one call. If it starts with Resize(s)
+    covers at least the output size, and Pillow crops and resizes it. If it starts with Resize(s)
     (eval_transform), the draft keeps the short side >= s. Either way only pixels the final resize would have
     averaged away are skipped. Gaussian blurs run separably (SeparableGaussianBlur); everything else is the
     transform as given. PNG and WebP are decoded in full.
@@ -1016,7 +1016,7 @@ class ImageDecoder:
             else:
                 if self.draft_side and img.format == "JPEG":
                     img.draft("RGB", (self.draft_side, self.draft_side))
-                img = img.convert("RGB")  # decodes; raises on truncated or corrupt data
+                img = _decoded_rgb(img)
         return self.rest(img)
 
     def _crop_and_resize(self, img):
@@ -1032,10 +1032,15 @@ class ImageDecoder:
         resample = pil_modes_mapping[self.crop.interpolation]
         box = (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
         if img.size == (full_w, full_h):  # full-size decode: exactly torchvision's crop, then resize
-            return img.convert("RGB").crop(box).resize((out_w, out_h), resample)
+            return _decoded_rgb(img).crop(box).resize((out_w, out_h), resample)
         sx, sy = img.size[0] / full_w, img.size[1] / full_h  # the box on the reduced image, in fractional pixels
         box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        return img.convert("RGB").resize((out_w, out_h), resample, box=box)
+        return _decoded_rgb(img).resize((out_w, out_h), resample, box=box)
+
+
+def _decoded_rgb(img):
+    img.load()  # decodes; raises on truncated or corrupt data
+    return img if img.mode == "RGB" else img.convert("RGB")  # (convert would copy an RGB image)
 
 
 def _augment(decoder, data, seed):
