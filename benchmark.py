@@ -9,7 +9,6 @@ round and reports medians, so both see the same machine.
 """
 import argparse
 import io
-import math
 import multiprocessing as mp
 import os
 import resource
@@ -185,13 +184,16 @@ def bench_memory(args):
     # and a reserve for the CUDA context, kernels' workspaces and allocator slack.
     n_params = sum(p.numel() for p in CLIP(CLIPConfig()).parameters())
     fixed_gib = 16 * n_params / 2 ** 30 + args.reserve_gb
+    def gib(n, mb):  # memory of a per-GPU batch n at mb MiB of activations per sample
+        return fixed_gib + (n * mb * 2 ** 20 + 2 * n * args.global_batch * 4) / 2 ** 30
+
     fit_rows = []
     for (precision, ckpt), mb in per_sample.items():
         cells = []
         for gpu_gb in (40, 80):
             b = 0
-            for step in (4096, 1024, 256, 64, 16, 4, 1):  # largest b with fixed + activations + logits <= memory
-                while fixed_gib + ((b + step) * mb * 2 ** 20 + 2 * (b + step) * args.global_batch * 4) / 2 ** 30 <= gpu_gb:
+            for step in (4096, 1024, 256, 64, 16, 4, 1):  # the largest b that fits
+                while gib(b + step, mb) <= gpu_gb:
                     b += step
             cells.append(f"{b:,}")
         fit_rows.append((precision, "on" if ckpt else "off", *cells))

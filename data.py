@@ -1316,7 +1316,8 @@ class ImageTextData:
         units = self.dataset.world_size * max(1, self.workers)
         if len(self.dataset.shards) < units:  # (the workers check too; failing here is quicker)
             raise ValueError(f"{len(self.dataset.shards)} shards cannot be dealt to {self.dataset.world_size} ranks "
-                             f"x {max(1, self.workers)} workers: use fewer --workers or split the data into more shards")
+                             f"x {max(1, self.workers)} workers: use fewer --workers or split the data into more "
+                             f"shards")
         self.dataset.set_epoch(epoch, start_step, positions)
         return DataLoader(self.dataset, batch_size=None, **kw)
 

@@ -52,7 +52,8 @@ def get_args(argv=None):
     a("--shuffle-buffer", type=int, default=2000, help="tar samples per worker shuffle buffer (ours)")
     # model
     a("--model", choices=["vit-b-32", "tiny"], default="vit-b-32", help="ViT-B/32 as in the paper (§3.1, §3.4)")
-    a("--init", default=None, help="stage-1 checkpoint: loads exactly its visual.* tensors; the text tower stays random")
+    a("--init", default=None,
+      help="stage-1 checkpoint: loads exactly its visual.* tensors; the text tower stays random")
     a("--logit-scale-init", type=float, default=100.0,
       help="initial exp(logit_scale): the paper's ln(100) init (§3.4); CLIP's own is 1/0.07 = 14.29")
     a("--logit-scale-max", type=float, default=100.0,

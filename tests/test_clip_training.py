@@ -72,7 +72,8 @@ def test_gradient_cache_gives_the_full_batch_gradient():
 def test_accum_steps_4_equals_full_batch(csv_run, tmp_path):
     # 16 rows, global batch 8: 2 steps in the epoch
     train_clip.main(csv_run + ["--batch-size", "8", "--epochs", "1", "--out", str(tmp_path / "a1")])
-    train_clip.main(csv_run + ["--batch-size", "8", "--epochs", "1", "--accum-steps", "4", "--out", str(tmp_path / "a4")])
+    train_clip.main(csv_run + ["--batch-size", "8", "--epochs", "1", "--accum-steps", "4",
+                               "--out", str(tmp_path / "a4")])
     assert_trained(tmp_path / "a1", tmp_path)
     assert_same_weights(weights(tmp_path / "a1", "epoch_1.pt"), weights(tmp_path / "a4", "epoch_1.pt"))
     log = [json.loads(line) for line in open(tmp_path / "a4" / "log.jsonl")]
