@@ -11,17 +11,21 @@ Only the runtime dependencies (torch, torchvision, numpy, pillow, tqdm) and the 
 
 import csv
 import gzip
+import hashlib
 import heapq
 import html
 import html.entities
 import io
+import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import tarfile
 import unicodedata
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -29,7 +33,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.functional import pil_modes_mapping
 
 # --- Tokenizer (CLIP BPE) ---
 # A from-scratch re-implementation of OpenAI CLIP's SimpleTokenizer (as shipped in open_clip), without the
@@ -897,3 +904,452 @@ class NightsTriplets(Dataset):
             ref, left, right = self.transform(ref), self.transform(left), self.transform(right)
         label = torch.tensor(1.0 if float(r["right_vote"]) > 0.5 else 0.0)
         return ref, left, right, label
+
+
+# --- Image-text data (tar shards, CSV) ---
+# Stage 2's (image, caption) pairs (PI paper §3.2), in the two layouts people have:
+#   * webdataset-style tar shards as img2dataset writes them: consecutive members {key}.jpg|png|webp, {key}.txt and an
+#     optional {key}.json, read as a stream with the standard tarfile module (TarImageText);
+#   * a CSV/TSV file with an image-path column and a caption column (open_clip's filepath/title; CsvImageText).
+# Both hand out whole batches for one rank -- dicts with images [b, 3, H, W], tokens [b, 77] and `bad`, the samples
+# skipped on the way -- and the same number of them on every rank, so DDP ranks never wait on each other at an
+# epoch's end. Data order and each sample's augmentation are functions of (seed, epoch, position) only, so a resumed
+# run sees exactly the batches the killed one would have seen. Corrupt images, missing captions and truncated tar
+# members are skipped and counted, never fatal.
+# Entry point: image_text_loader(...) -> ImageTextData with .steps_per_epoch and .epoch(e, start_step, positions).
+SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def stable_seed(*keys):
+    """A 63-bit seed from a tuple of ints/strings that is the same in every process and run (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
+def expand_shards(spec):
+    """'yfcc/{00000..01499}.tar' -> the 1,500 paths (zero-padded like the pattern); '{a,b}' lists alternatives;
+    several patterns may be joined with '::' (open_clip's convention) or given as a list."""
+    if isinstance(spec, (list, tuple)):
+        return [path for s in spec for path in expand_shards(s)]
+    paths = []
+    for part in str(spec).split("::"):
+        m = re.search(r"\{([^{}]*)\}", part)
+        if m is None:
+            paths.append(part)
+            continue
+        r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+        options = ([str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r
+                   else m.group(1).split(","))
+        for option in options:
+            paths += expand_shards(part[:m.start()] + option + part[m.end():])
+    return paths
+
+
+# ---- decoding and augmentation
+
+
+class SeparableGaussianBlur(v2.GaussianBlur):
+    """v2.GaussianBlur -- same random sigma, same kernel, same reflect padding -- computed as B_h @ X @ B_w^T, where
+    B is the [n, n] matrix of the reflect-padded 1-D convolution. torchvision convolves with the full k x k kernel:
+    at k = 23 (train_transform at 224 px) that is ~5x slower on one CPU core. Equal up to float rounding."""
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, torch.Tensor) or inpt.ndim < 3:
+            return super().transform(inpt, params)  # PIL images etc.: torchvision's own kernel
+        x = inpt.as_subclass(torch.Tensor)
+        x = x if x.is_floating_point() else x.float()
+        (kx, ky), (sx, sy), (h, w) = self.kernel_size, params["sigma"], x.shape[-2:]
+        x = _blur_matrix(h, ky, sy, x.dtype) @ x @ _blur_matrix(w, kx, sx, x.dtype).T
+        if not inpt.is_floating_point():
+            x = x.round_().clamp_(0, torch.iinfo(inpt.dtype).max).to(inpt.dtype)
+        return tv_tensors.wrap(x, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else x
+
+
+def _blur_matrix(n, k, sigma, dtype):
+    """[n, n] matrix M with (M @ v)[i] = sum_t g[t] * v[reflect(i + t - k // 2)]: torchvision's Gaussian kernel g
+    (softmax of -(x / sigma)^2 on its grid) with reflect padding folded in."""
+    if k // 2 > n - 1:
+        raise ValueError(f"blur kernel {k} is too large for a side of {n} pixels")
+    lim = (k - 1) / (2.0 * 2 ** 0.5)
+    g = torch.softmax(torch.linspace(-lim, lim, k, dtype=dtype).div(sigma).pow(2).neg(), dim=0)
+    idx = (torch.arange(n)[:, None] + torch.arange(k) - k // 2).abs()  # reflect at 0 ...
+    idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)  # ... and at n - 1
+    return torch.zeros(n, n, dtype=dtype).scatter_add_(1, idx, g.expand(n, k).contiguous())
+
+
+def _with_fast_blur(t):
+    if type(t) is v2.GaussianBlur:
+        return SeparableGaussianBlur(t.kernel_size, t.sigma)
+    if isinstance(t, v2.RandomApply):
+        return v2.RandomApply([_with_fast_blur(s) for s in t.transforms], p=t.p)
+    if isinstance(t, v2.Compose):
+        return v2.Compose([_with_fast_blur(s) for s in t.transforms])
+    return t
+
+
+class ImageDecoder:
+    """Encoded image bytes -> transformed tensor, decoding no more JPEG pixels than the output can show.
+
+    If the transform starts with RandomResizedCrop (train_transform), the crop box is drawn -- by that transform's
+    own make_params, so with the same random numbers -- from the image size in the file header, before decoding.
+    Pillow's JPEG draft mode then decodes at the smallest DCT scale (1, 1/2, 1/4, 1/8) at which the box still
+    covers at least the output size, and Pillow crops and resizes it. If it starts with Resize(s)
+    (eval_transform), the draft keeps the short side >= s. Either way only pixels the final resize would have
+    averaged away are skipped. Gaussian blurs run separably (SeparableGaussianBlur); everything else is the
+    transform as given. PNG and WebP are decoded in full.
+    """
+
+    def __init__(self, transform):
+        steps = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
+        self.crop = steps.pop(0) if type(steps[0]) is v2.RandomResizedCrop else None
+        first = steps[0] if steps else None
+        self.draft_side = None
+        if isinstance(first, v2.Resize) and first.max_size is None and len(first.size or []) == 1:
+            self.draft_side = first.size[0]  # Resize(s): the short side becomes s
+        self.rest = v2.Compose([_with_fast_blur(t) for t in steps])
+
+    def __call__(self, data):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Palette images with transparency...": harmless for training
+            img = Image.open(io.BytesIO(data))
+            if self.crop is not None:
+                img = self._crop_and_resize(img)
+            else:
+                if self.draft_side and img.format == "JPEG":
+                    img.draft("RGB", (self.draft_side, self.draft_side))
+                img = _decoded_rgb(img)
+        return self.rest(img)
+
+    def _crop_and_resize(self, img):
+        full_w, full_h = img.size
+        make_params = getattr(self.crop, "make_params", None) or self.crop._get_params  # torchvision < 0.21
+        p = make_params([img])  # reads only img.size: the header
+        out_h, out_w = self.crop.size
+        scale = 1
+        while scale < 8 and p["height"] // (2 * scale) >= out_h and p["width"] // (2 * scale) >= out_w:
+            scale *= 2
+        if scale > 1 and img.format == "JPEG":
+            img.draft("RGB", (full_w // scale, full_h // scale))  # Pillow picks this DCT scale (or 1 if it must)
+        resample = pil_modes_mapping[self.crop.interpolation]
+        box = (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
+        if img.size == (full_w, full_h):  # full-size decode: exactly torchvision's crop, then resize
+            return _decoded_rgb(img).crop(box).resize((out_w, out_h), resample)
+        sx, sy = img.size[0] / full_w, img.size[1] / full_h  # the box on the reduced image, in fractional pixels
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        return _decoded_rgb(img).resize((out_w, out_h), resample, box=box)
+
+
+def _decoded_rgb(img):
+    img.load()  # decodes; raises on truncated or corrupt data
+    return img if img.mode == "RGB" else img.convert("RGB")  # (convert would copy an RGB image)
+
+
+def _augment(decoder, data, seed):
+    """Run the random transform with torch's CPU generator seeded for this one sample, then put the generator back:
+    a sample's augmentation is then the same whichever worker or rank runs it, and in a resumed run.
+    (torch.manual_seed would also touch the CUDA generators: ~0.1 ms a call.)"""
+    gen = torch.default_generator
+    state = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        return decoder(data)
+    finally:
+        gen.set_state(state)
+
+
+def _collate(images, captions, tokenizer, context_length, bad, **extra):
+    return dict(images=torch.stack(images), tokens=tokenizer(captions, context_length=context_length),
+                bad=dict(bad), **extra)
+
+
+# ---- webdataset-style tar shards
+
+
+def tar_samples(path, bad):
+    """The samples of one tar shard as dicts {"__key__": key, ext: bytes}, grouping consecutive members by key (the
+    file name up to its first dot, as webdataset does). A truncated or unreadable shard ends early, keeping what came
+    before; `bad` (a Counter) counts the damage."""
+    sample = {}
+    try:
+        with tarfile.open(path, "r|*") as tar:  # "|": a forward-only stream, each byte read once, no seeks
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, name = os.path.split(member.name)
+                key, _, ext = name.partition(".")
+                key = f"{folder}/{key}" if folder else key
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample["__key__"] = key
+                sample[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:  # truncated member or archive, unreadable file
+        bad["truncated"] += 1
+        warnings.warn(f"{path}: {type(err).__name__}: {err}; keeping the samples before it")
+        sample = {}  # the sample being read is incomplete
+    if sample:
+        yield sample
+
+
+def shuffle_buffer(items, size, rng):
+    """Streaming shuffle: keep `size` items, and for each new one hand out a random one of them (webdataset's)."""
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _steps_of_worker(n_steps, worker, n_workers):
+    """How many of the steps 0 .. n_steps-1 fall to `worker` when step k comes from worker k % n_workers."""
+    return max(0, (n_steps - worker + n_workers - 1) // n_workers)
+
+
+def img2dataset_sample_count(shards):
+    """Sum of the "successes" in img2dataset's {shard}_stats.json files, or None if any is missing."""
+    total = 0
+    for path in shards:
+        stats = re.sub(r"\.tar(\.\w+)?$", "_stats.json", path)
+        if stats == path or not os.path.isfile(stats):
+            return None
+        with open(stats) as f:
+            total += int(json.load(f)["successes"])
+    return total
+
+
+class TarImageText(IterableDataset):
+    """Streaming (image, caption) batches from tar shards for one rank.
+
+    Shards are dealt disjointly to the ranks x DataLoader workers: every epoch all ranks put the shard list in the
+    same order drawn from (seed, epoch) and unit u = rank * workers + worker takes shards u, u + units, ... Each unit
+    reads its shards (cycling through them again if it needs more samples) through a shuffle buffer and yields its
+    quota of batches: the epoch is `steps_per_epoch` batches per rank, whatever the shards hold, so every rank
+    takes the same number of steps. If each unit's shards hold exactly its quota, every sample is seen once.
+
+    Each batch reports `worker` and `pos` (how many samples of that worker's stream it has consumed); given those
+    positions, `set_epoch(e, start_step, positions)` continues an epoch exactly where a killed run left it: the
+    workers replay their streams up to there without decoding anything, then carry on.
+    """
+
+    def __init__(self, shards, tokenizer, transform, batch_size, steps_per_epoch, rank=0, world_size=1, seed=0,
+                 buffer_size=2000, context_length=77):
+        self.shards = expand_shards(shards)
+        missing = [p for p in self.shards if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(self.shards)} shards do not exist, e.g. {missing[0]}")
+        self.tokenizer, self.decoder, self.context_length = tokenizer, ImageDecoder(transform), context_length
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.rank, self.world_size, self.seed, self.buffer_size = rank, world_size, seed, buffer_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch, start_step=0, positions=None):
+        self.epoch, self.start_step, self.positions = epoch, start_step, dict(positions or {})
+
+    def _pairs(self, unit, n_units, bad):
+        """This unit's endless stream of (image bytes, caption): its shards, in an order drawn from (seed, epoch,
+        pass), through a shuffle buffer that is emptied at the end of each pass, so that one pass yields every
+        sample once before the next pass begins."""
+        order = list(self.shards)
+        random.Random(stable_seed(self.seed, self.epoch)).shuffle(order)  # the same on every rank
+        mine = order[unit::n_units]
+        for p in itertools.count():
+            random.Random(stable_seed(self.seed, self.epoch, unit, p)).shuffle(mine)
+            samples = (s for path in mine for s in tar_samples(path, bad))
+            n = 0
+            for pair in shuffle_buffer(self._usable(samples, bad), self.buffer_size,
+                                       random.Random(stable_seed(self.seed, self.epoch, unit, p, "buffer"))):
+                n += 1
+                yield pair
+            if n == 0:
+                raise RuntimeError(f"no usable samples in the shards {mine[:3]}...")
+
+    @staticmethod
+    def _usable(samples, bad):
+        for sample in samples:
+            data = next((sample[e] for e in SHARD_IMAGE_EXTENSIONS if e in sample), None)
+            caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+            if data is None or not caption:
+                bad["no image" if data is None else "no caption"] += 1
+                continue
+            yield data, caption
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        n_units = self.world_size * n_workers
+        if len(self.shards) < n_units:
+            raise ValueError(f"{len(self.shards)} shards cannot be dealt to {self.world_size} ranks x {n_workers} "
+                             f"workers: use fewer --workers or split the data into more shards")
+        # The DataLoader asks its workers in turn, starting from worker 0, so after `start_step` steps worker w
+        # serves step start_step + w: it plays the part of worker (w + start_step) % n_workers of the epoch.
+        worker = (worker + self.start_step) % n_workers
+        todo = (_steps_of_worker(self.steps_per_epoch, worker, n_workers)
+                - _steps_of_worker(self.start_step, worker, n_workers))
+        if todo <= 0:
+            return
+        unit, skip = self.rank * n_workers + worker, self.positions.get(worker, 0)
+        images, captions, bad = [], [], Counter()
+        for pos, (data, caption) in enumerate(self._pairs(unit, n_units, bad)):
+            if pos < skip:
+                continue  # consumed before the checkpoint: replayed without decoding
+            try:
+                images.append(_augment(self.decoder, data, stable_seed(self.seed, self.epoch, unit, pos)))
+            except Exception:  # corrupt, truncated or unsupported image
+                bad["undecodable"] += 1
+                continue
+            captions.append(caption)
+            if len(images) == self.batch_size:
+                yield _collate(images, captions, self.tokenizer, self.context_length, bad, worker=worker, pos=pos + 1)
+                images, captions, bad = [], [], Counter()
+                todo -= 1
+                if todo == 0:
+                    return
+
+
+# ---- CSV / TSV
+
+
+class CsvImageText(Dataset):
+    """(image, caption) rows of a CSV/TSV file (open_clip's `filepath` / `title` columns by default). Relative image
+    paths are taken from the file's folder. Rows with an empty caption are dropped here (counted in
+    `no_caption`); unreadable images are replaced at load time (see GlobalBatchSampler)."""
+
+    def __init__(self, path, tokenizer, transform, img_key="filepath", caption_key="title", sep=None,
+                 context_length=77):
+        sep = sep or ("\t" if path.endswith(".tsv") else ",")
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=sep)
+            absent = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
+            if absent:
+                raise ValueError(f"{path}: no column {absent} among {reader.fieldnames}; "
+                                 f"set --csv-img-key / --csv-caption-key (and --csv-separator)")
+            rows = [(r[img_key], (r[caption_key] or "").strip()) for r in reader]
+        root = os.path.dirname(os.path.abspath(path))
+        self.paths = [os.path.join(root, p) for p, c in rows if c]
+        self.captions = [c for _, c in rows if c]
+        self.no_caption = len(rows) - len(self.captions)
+        self.tokenizer, self.decoder, self.context_length = tokenizer, ImageDecoder(transform), context_length
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        """key = (row, substitute rows, augmentation seed) from GlobalBatchSampler -> (image, caption, #bad)."""
+        row, substitutes, seed = key
+        for n_bad, i in enumerate((row, *substitutes)):
+            try:
+                with open(self.paths[i], "rb") as f:
+                    return _augment(self.decoder, f.read(), seed), self.captions[i], n_bad
+            except Exception:
+                continue
+        raise RuntimeError(f"neither {self.paths[row]} nor its {len(substitutes)} substitutes could be read")
+
+    def collate(self, items):
+        images, captions, n_bad = zip(*items)
+        return _collate(list(images), list(captions), self.tokenizer, self.context_length,
+                        {"undecodable": sum(n_bad)} if sum(n_bad) else {})
+
+
+class GlobalBatchSampler:
+    """Which rows each rank reads at each step, with the rank split explicit.
+
+    Epoch e orders all rows by a permutation drawn from (seed, e); global batch k is positions [k*B, (k+1)*B) of
+    it and rank r reads the contiguous slice [k*B + r*b, k*B + (r+1)*b), b = B / world_size. Each sample's
+    augmentation is seeded by (seed, e, position). So the global order and the images themselves do not depend on
+    the number of ranks or workers: 2 ranks see exactly the batches one process sees, and a resumed run starts at
+    step k of the same order. The positions past the last full batch are the epoch's spare rows: a row whose image
+    cannot be read is replaced by a spare one (or, without spares, by the row one batch further on).
+    """
+
+    def __init__(self, n_rows, batch_size, steps_per_epoch, rank=0, world_size=1, seed=0, n_substitutes=4):
+        self.n, self.batch_size, self.steps_per_epoch = n_rows, batch_size, steps_per_epoch
+        self.rank, self.world_size, self.seed, self.n_substitutes = rank, world_size, seed, n_substitutes
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self):
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self):
+        order = np.random.default_rng(stable_seed(self.seed, self.epoch)).permutation(self.n)
+        spare = order[self.steps_per_epoch * self.batch_size:]
+        b = self.batch_size // self.world_size
+        for k in range(self.start_step, self.steps_per_epoch):
+            batch = []
+            for j in range(k * self.batch_size + self.rank * b, k * self.batch_size + (self.rank + 1) * b):
+                if len(spare):
+                    subs = [spare[(j + t) % len(spare)] for t in range(min(self.n_substitutes, len(spare)))]
+                else:
+                    subs = [order[(j + t * self.batch_size) % self.n] for t in range(1, self.n_substitutes + 1)]
+                batch.append((int(order[j]), tuple(int(s) for s in subs), stable_seed(self.seed, self.epoch, j)))
+            yield batch
+
+
+# ---- one entry point for train_clip.py
+
+
+def is_csv(spec):
+    return isinstance(spec, str) and spec.lower().endswith((".csv", ".tsv"))
+
+
+class ImageTextData:
+    """Per-epoch DataLoaders over tar shards or a CSV for one rank (made by image_text_loader)."""
+
+    def __init__(self, dataset, sampler, steps_per_epoch, samples_per_epoch, workers, pin_memory):
+        self.dataset, self.sampler, self.workers, self.pin_memory = dataset, sampler, workers, pin_memory
+        self.steps_per_epoch, self.samples_per_epoch = steps_per_epoch, samples_per_epoch
+        self.kind = "csv" if sampler is not None else "tar"
+
+    def epoch(self, epoch, start_step=0, positions=None):
+        """The batches of `epoch` from step `start_step` on (positions: the last `worker -> pos` of each tar
+        worker before start_step, as reported in the batches; ignored for CSV)."""
+        kw = dict(num_workers=self.workers, pin_memory=self.pin_memory, persistent_workers=False)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start_step)
+            return DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.dataset.collate, **kw)
+        units = self.dataset.world_size * max(1, self.workers)
+        if len(self.dataset.shards) < units:  # (the workers check too; failing here is quicker)
+            raise ValueError(f"{len(self.dataset.shards)} shards cannot be dealt to {self.dataset.world_size} ranks "
+                             f"x {max(1, self.workers)} workers: use fewer --workers or split the data into more "
+                             f"shards")
+        self.dataset.set_epoch(epoch, start_step, positions)
+        return DataLoader(self.dataset, batch_size=None, **kw)
+
+
+def image_text_loader(data, tokenizer, transform, batch_size, rank=0, world_size=1, workers=4, seed=0,
+                      samples_per_epoch=None, buffer_size=2000, csv_img_key="filepath", csv_caption_key="title",
+                      csv_sep=None, context_length=77, pin_memory=False):
+    """Image-text batches for one rank. `data`: a .csv/.tsv file, or tar shards ('dir/{00000..01499}.tar', a list,
+    or patterns joined by '::'). `batch_size` is the GLOBAL batch; each rank gets batch_size / world_size samples
+    per step. An epoch is samples_per_epoch // batch_size steps (the last partial batch is dropped);
+    samples_per_epoch defaults to the CSV's rows with a caption, or for shards to the sum of img2dataset's
+    *_stats.json "successes"."""
+    if batch_size % world_size:
+        raise ValueError(f"the global batch {batch_size} is not divisible by the {world_size} ranks")
+    per_rank = batch_size // world_size
+    if is_csv(data):
+        ds = CsvImageText(data, tokenizer, transform, csv_img_key, csv_caption_key, csv_sep, context_length)
+        if ds.no_caption:
+            warnings.warn(f"{data}: skipped {ds.no_caption} rows without a caption")
+        samples_per_epoch = min(samples_per_epoch or len(ds), len(ds))
+        steps = samples_per_epoch // batch_size
+        sampler = GlobalBatchSampler(len(ds), batch_size, steps, rank, world_size, seed)
+    else:
+        shards = expand_shards(data)
+        samples_per_epoch = samples_per_epoch or img2dataset_sample_count(shards)
+        if not samples_per_epoch:
+            raise ValueError("cannot tell how many samples the shards hold (no img2dataset *_stats.json beside "
+                             "them): pass --train-num-samples")
+        steps = samples_per_epoch // batch_size
+        ds = TarImageText(shards, tokenizer, transform, per_rank, steps, rank, world_size, seed, buffer_size,
+                          context_length)
+        sampler = None
+    if steps < 1:
+        raise ValueError(f"an epoch of {samples_per_epoch} samples holds no full batch of {batch_size}")
+    return ImageTextData(ds, sampler, steps, samples_per_epoch, workers, pin_memory)

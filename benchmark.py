@@ -1,0 +1,281 @@
+"""Speed and memory measurements quoted in the README. One subcommand per benchmark:
+
+  python benchmark.py data      # image-text pipeline: samples/s per CPU core, ours vs plain PIL + torchvision
+  python benchmark.py memory    # activation memory per sample, with and without gradient checkpointing (CPU)
+  python benchmark.py gpu       # CUDA only: samples/s/GPU, peak memory and MFU of a ViT-B/32 training step
+
+Each prints a Markdown table. Timings on a shared machine are noisy: `data` interleaves the two pipelines round by
+round and reports medians, so both see the same machine.
+"""
+import argparse
+import io
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import tarfile
+import tempfile
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+from model import CLIP, CLIPConfig, adamw, clip_loss
+
+# --------------------------------------------------------------------------------------------- shared helpers
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _in_child(fn, *args):
+    """Run fn(*args, queue) in a fresh process (its own peak RSS) and return what it puts in the queue."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=fn, args=(*args, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def _table(header, rows):
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(map(str, r)) + " |")
+
+# --------------------------------------------------------------------------------------------- data pipeline
+
+
+def photo_like(w, h, rng, beta=1.65):
+    """Random image with a natural-photo power spectrum (amplitude ~ 1/f^beta) and correlated colour channels:
+    at JPEG quality 95 it compresses like a photo (~90 KB at 512 x 683), so decoding costs what a photo costs."""
+    f = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.fftfreq(w)[None, :] ** 2)
+    amp = 1 / np.maximum(f, 1 / max(w, h)) ** beta
+    x = np.stack([np.fft.ifft2(amp * np.exp(2j * np.pi * rng.random((h, w)))).real for _ in range(3)], -1)
+    x = x @ np.array([[1, 0.8, 0.6], [0.8, 1, 0.8], [0.6, 0.8, 1]])
+    x = (x - x.mean()) / x.std() * 55 + 115
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+
+
+def write_benchmark_shards(root, n_shards, per_shard, side=512, seed=0):
+    """img2dataset-style shards of JPEGs whose short side is `side` (aspect ratios 1, 4:3, 3:4, 3:2)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(side, side), (side * 4 // 3, side), (side, side * 4 // 3), (side * 3 // 2, side)]
+    pool = []  # a few distinct images, reused: the decoder cannot tell
+    for i in range(16):
+        buf = io.BytesIO()
+        photo_like(*sizes[i % 4], rng).save(buf, "JPEG", quality=95)
+        pool.append(buf.getvalue())
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(root, f"{s:05d}.tar"), "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                for name, payload in ((f"{key}.jpg", pool[(s * per_shard + i) % 16]),
+                                      (f"{key}.txt", f"a photo number {i} of a red dog on the grass".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return os.path.join(root, "{%05d..%05d}.tar" % (0, n_shards - 1)), np.mean([len(p) for p in pool]) / 1e3
+
+
+def _plain_pipeline(shards, tokenizer, transform, batch_size):
+    """The baseline: the same tar stream, PIL decoding every pixel, the transform exactly as given (torchvision)."""
+    images, captions, bad = [], [], Counter()
+    for path in shards:
+        for sample in data.tar_samples(path, bad):
+            images.append(transform(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
+            captions.append(sample["txt"].decode())
+            if len(images) == batch_size:
+                yield dict(images=torch.stack(images), tokens=tokenizer(captions))
+                images, captions = [], []
+
+
+def bench_data(args):
+    torch.set_num_threads(1)  # one core: the figure is per core, as a DataLoader worker runs
+    with tempfile.TemporaryDirectory() as root:
+        pattern, kb = write_benchmark_shards(root, 2, args.data_samples // 2, args.side)
+        merges = os.path.join(root, "merges.txt.gz")
+        data.learn_bpe([f"a photo number {i} of a red dog on the grass" for i in range(100)], merges, 50)
+        tok = data.Tokenizer(merges)
+        transform = data.train_transform(args.image_size)
+        n, batch = args.data_samples, 32
+        ours = data.TarImageText(pattern, tok, transform, batch, n // batch, buffer_size=256)
+        plain = lambda: _plain_pipeline(data.expand_shards(pattern), tok, transform, batch)  # noqa: E731
+        rates = {"ours": [], "plain": []}
+        for r in range(args.rounds + 1):  # round 0 warms up (page cache, lazy imports): not counted
+            for name, make in (("ours", lambda: iter(ours)), ("plain", plain)):
+                t0, count = time.perf_counter(), 0
+                for b in make():
+                    count += len(b["images"])
+                if r:
+                    rates[name].append(count / (time.perf_counter() - t0))
+        print(f"{n} samples per round, {args.rounds} rounds, JPEG q95, short side {args.side} px (mean {kb:.0f} KB), "
+              f"augmented to {args.image_size} px, tokenised, batched; one thread")
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        _table(["pipeline", "samples/s per core (median)", "range"],
+               [("plain: PIL full decode + torchvision train_transform", f"{med['plain']:.0f}",
+                 f"{min(rates['plain']):.0f}-{max(rates['plain']):.0f}"),
+                ("ours: data.TarImageText (draft decode, separable blur)", f"{med['ours']:.0f}",
+                 f"{min(rates['ours']):.0f}-{max(rates['ours']):.0f}"),
+                ("speed-up", f"{med['ours'] / med['plain']:.2f}x", "")])
+        print(f"\nAt {med['ours']:.0f} samples/s/core, feeding 780 pairs/s/GPU (open_clip's A100 rate) takes "
+              f"{780 / med['ours']:.1f} cores per GPU; the paper's 35 pairs/s/GPU takes {35 / med['ours']:.2f}.")
+
+# --------------------------------------------------------------------------------------------- activation memory
+
+
+def _proc_status_mb(key):
+    with open("/proc/self/status") as f:
+        return int(f.read().split(key + ":")[1].split()[0]) / 1024  # kB
+
+
+def _activation_child(batch, ckpt, precision, queue):
+    """Memory of one forward+backward of ViT-B/32 CLIP above what weights, gradients and AdamW moments hold:
+    `held` = what the forward pass leaves for backward (saved activations), `peak` = the step's high-water mark."""
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(grad_checkpointing=ckpt))
+    opt = adamw(model, lr=1e-4)
+    for p in model.parameters():  # gradients and AdamW moments exist before the measured step, as in training
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    images = torch.randn(batch, 3, 224, 224)
+    tokens = torch.randint(1, 49405, (batch, 77))
+    tokens[:, 0], tokens[:, 40] = 49406, 49407
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter (VmHWM), so the set-up's own peak does not count
+    resident = _proc_status_mb("VmRSS")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        image_f, text_f, scale = model(images, tokens)
+    held = _proc_status_mb("VmRSS") - resident
+    clip_loss(image_f, text_f, scale).backward()
+    queue.put(dict(held=held, peak=_proc_status_mb("VmHWM") - resident))
+
+
+def bench_memory(args):
+    """Activation memory per sample = slope over the batch size (fixed costs cancel). RSS is made to track live
+    tensors: glibc is told to serve every allocation above 128 KB by mmap and to return it on free (otherwise
+    freed blocks stay resident and the numbers measure the allocator's slack, not the model)."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # read by glibc at the start of each spawned child
+    b1, b2 = args.mem_batches
+    rows, per_sample = [], {}
+    for precision in args.mem_precisions:
+        for ckpt in (False, True):
+            r1, r2 = (_in_child(_activation_child, b, ckpt, precision) for b in (b1, b2))
+            held, peak = ((r2[k] - r1[k]) / (b2 - b1) for k in ("held", "peak"))
+            per_sample[precision, ckpt] = peak
+            rows.append((precision, "on" if ckpt else "off", f"{held:.2f} MB", f"{peak:.2f} MB",
+                         f"{r1['peak']:.0f} / {r2['peak']:.0f} MB"))
+            print(*rows[-1], flush=True)
+    _table(["CPU autocast", "grad checkpointing", "held for backward, per sample", "step peak, per sample",
+            f"step peak above resident at batch {b1} / {b2}"], rows)
+
+    # What fits on one GPU at that rate: weights + grads + AdamW moments in fp32 (16 bytes/parameter), the loss's
+    # logits block for the paper's global batch (clip_loss recomputes them in backward: ~2 [b, N] fp32 at the peak),
+    # and a reserve for the CUDA context, kernels' workspaces and allocator slack.
+    n_params = sum(p.numel() for p in CLIP(CLIPConfig()).parameters())
+    fixed_gib = 16 * n_params / 2 ** 30 + args.reserve_gb
+    def gib(n, mb):  # memory of a per-GPU batch n at mb MiB of activations per sample
+        return fixed_gib + (n * mb * 2 ** 20 + 2 * n * args.global_batch * 4) / 2 ** 30
+
+    fit_rows = []
+    for (precision, ckpt), mb in per_sample.items():
+        cells = []
+        for gpu_gb in (40, 80):
+            b = 0
+            for step in (4096, 1024, 256, 64, 16, 4, 1):  # the largest b that fits
+                while gib(b + step, mb) <= gpu_gb:
+                    b += step
+            cells.append(f"{b:,}")
+        fit_rows.append((precision, "on" if ckpt else "off", *cells))
+    print(f"\nFixed: {16 * n_params / 2 ** 30:.2f} GiB (fp32 weights, grads, AdamW moments of {n_params:,} parameters)"
+          f" + {args.reserve_gb} GiB reserve; loss logits for a global batch of {args.global_batch:,}.")
+    _table(["activations as on CPU with", "grad checkpointing", "per-GPU batch in 40 GiB", "in 80 GiB"], fit_rows)
+    print("\nThe paper's 5,120 pairs per GPU (30,720 on 6 A100s).")
+
+# --------------------------------------------------------------------------------------------- GPU step
+
+
+GFLOPS_PER_PAIR = 44.0  # ViT-B/32 CLIP forward ~14.8 GFLOPs/pair; x3 for forward + backward (SPEC §7)
+GFLOPS_PER_PAIR_RECOMPUTE = 59.0  # + one more forward with full activation checkpointing
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense bf16
+
+
+def bench_gpu(args):
+    """Training step of ViT-B/32 CLIP on one GPU at the per-GPU batch (train_clip.train_step, bf16 autocast)."""
+    if not torch.cuda.is_available():
+        print("no CUDA device: the GPU benchmark was not run")
+        return
+    import train_clip
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    rows = []
+    for ckpt in args.gpu_ckpt:
+        torch.manual_seed(0)
+        raw = CLIP(CLIPConfig(grad_checkpointing=ckpt)).to(dev)
+        model = torch.compile(raw) if args.compile else raw
+        opt = adamw(raw, lr=1e-4)
+        b = args.gpu_batch
+        images = torch.randn(b, 3, 224, 224, device=dev)
+        tokens = torch.randint(1, 49405, (b, 77), device=dev)
+        tokens[:, 0], tokens[:, 40] = 49406, 49407
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(args.gpu_steps + 3):  # 3 warm-up steps (allocation, compilation)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            train_clip.train_step(model, images, tokens, args.accum_steps, autocast)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        rate = b / statistics.median(times[3:])
+        mfu = f"{rate * GFLOPS_PER_PAIR / 1e3 / peak:.1%}" if peak else "?"
+        hfu = f"{rate * (GFLOPS_PER_PAIR_RECOMPUTE if ckpt else GFLOPS_PER_PAIR) / 1e3 / peak:.1%}" if peak else "?"
+        rows.append((name, b, "on" if ckpt else "off", args.compile, f"{rate:.0f}",
+                     f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB", mfu, hfu))
+        print(*rows[-1], flush=True)
+        del raw, model, opt
+        torch.cuda.empty_cache()
+    _table(["GPU", "batch/GPU", "grad ckpt", "compile", "pairs/s/GPU", "peak memory", "MFU (44 GF/pair)",
+            "HFU (59 GF/pair with ckpt)"], rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("data", help="image-text data pipeline, samples/s per CPU core")
+    d.add_argument("--data-samples", type=int, default=512, help="samples per round")
+    d.add_argument("--rounds", type=int, default=5)
+    d.add_argument("--side", type=int, default=512, help="short side of the JPEGs in the shards")
+    d.add_argument("--image-size", type=int, default=224)
+    m = sub.add_parser("memory", help="activation memory per sample on CPU and the per-GPU batch it allows")
+    m.add_argument("--mem-batches", type=int, nargs=2, default=[16, 48])
+    m.add_argument("--mem-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    m.add_argument("--global-batch", type=int, default=30720)
+    m.add_argument("--reserve-gb", type=float, default=3.0, help="GiB for the CUDA context, workspaces, fragmentation")
+    g = sub.add_parser("gpu", help="CUDA training step: pairs/s/GPU, peak memory, MFU")
+    g.add_argument("--gpu-batch", type=int, default=512)
+    g.add_argument("--gpu-steps", type=int, default=10)
+    g.add_argument("--gpu-ckpt", type=lambda s: s == "on", nargs="+", default=[False, True], help="off / on")
+    g.add_argument("--accum-steps", type=int, default=1)
+    g.add_argument("--compile", action="store_true")
+    g.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: from the GPU name)")
+    args = p.parse_args(argv)
+    {"data": bench_data, "memory": bench_memory, "gpu": bench_gpu}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
