@@ -731,6 +731,9 @@ def _write_shards(rng, out, n_pairs, samples_per_shard, image_size):
                 _tar_add(tar, f"{key}.jpg", jpg.getvalue())
                 _tar_add(tar, f"{key}.json", json.dumps(meta, indent=4).encode("utf-8"))
                 _tar_add(tar, f"{key}.txt", text.encode("utf-8"))
+        n = min(samples_per_shard, n_pairs - s * samples_per_shard)
+        with open(os.path.join(out, f"{s:05d}_stats.json"), "w") as f:  # img2dataset writes one per shard
+            json.dump({"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0}, f, indent=4)
     return paths
 
 
