@@ -1,5 +1,7 @@
 """Speed and memory measurements quoted in the README. One subcommand per benchmark:
 
+  python benchmark.py model     # ViT-B/32 CLIP training step, ours vs open_clip (fp32 and bf16), and its peak memory
+  python benchmark.py loss      # clip_loss vs the textbook two-matrix InfoNCE: peak memory and time at batch 4,096
   python benchmark.py data      # image-text pipeline: samples/s per CPU core, ours vs plain PIL + torchvision
   python benchmark.py memory    # activation memory per sample, with and without gradient checkpointing (CPU)
   python benchmark.py gpu       # CUDA only: samples/s/GPU, peak memory and MFU of a ViT-B/32 training step
@@ -20,6 +22,7 @@ from collections import Counter
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -37,6 +40,18 @@ def _rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def _proc_status_mb(key):
+    with open("/proc/self/status") as f:
+        return int(f.read().split(key + ":")[1].split()[0]) / 1024  # kB
+
+
+def _reset_peak():
+    """Reset the peak-RSS counter (VmHWM) so set-up does not count; returns the resident MB at this point."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_mb("VmRSS")
+
+
 def _in_child(fn, *args):
     """Run fn(*args, queue) in a fresh process (its own peak RSS) and return what it puts in the queue."""
     ctx = mp.get_context("spawn")
@@ -52,6 +67,91 @@ def _table(header, rows):
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(map(str, r)) + " |")
+
+# --------------------------------------------------------------------------------------------- model step
+
+
+def _fake_batch(batch, device="cpu"):
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    tokens = torch.randint(1, 49405, (batch, 77), device=device)
+    tokens[:, 0], tokens[:, 40] = 49406, 49407  # SOT ... EOT, as the tokenizer writes them
+    return images, tokens
+
+
+def _step_child(impl, batch, precision, ckpt, steps, queue):
+    """Forward + backward + AdamW step in a fresh process (its own threads, allocator and peak counter)."""
+    torch.manual_seed(0)
+    if impl == "ours":
+        model, loss_fn = CLIP(CLIPConfig(grad_checkpointing=ckpt)), clip_loss
+    else:
+        import open_clip
+        model, loss_fn = open_clip.create_model("ViT-B-32"), open_clip.ClipLoss()
+        model.set_grad_checkpointing(ckpt)
+    opt = adamw(model, lr=1e-4)
+    images, tokens = _fake_batch(batch)
+    times, resident = [], None
+    for i in range(steps + 1):  # step 0 allocates gradients and AdamW moments and warms up: not timed
+        if i == 1:
+            resident = _reset_peak()
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(*model(images, tokens))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        times.append(time.perf_counter() - t0)
+    queue.put(dict(step_s=statistics.median(times[1:]), peak=_proc_status_mb("VmHWM") - resident))
+
+
+def bench_model(args):
+    """The same ViT-B/32 CLIP training step, our model.py against open_clip's ViT-B-32, interleaved per round."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # RSS tracks live tensors (see bench_memory)
+    rows = []
+    for precision in ("fp32", "bf16"):
+        runs = {impl: [_in_child(_step_child, impl, args.batch, precision, False, args.steps)["step_s"]
+                       for _ in range(args.rounds)] for impl in ("ours", "open_clip")}
+        for impl, t in runs.items():
+            rows.append((impl, precision, args.batch, f"{min(t):.2f} s", f"{args.batch / min(t):.1f}"))
+            print(*rows[-1], flush=True)
+    print(f"\n{torch.get_num_threads()} threads; best of {args.rounds} processes x {args.steps} timed steps (median)")
+    _table(["model", "CPU autocast", "batch", "step time (fwd+bwd+AdamW)", "pairs/s"], rows)
+    mem = []
+    for ckpt in (False, True):
+        r = _in_child(_step_child, "ours", args.mem_batch, "fp32", ckpt, 1)
+        mem.append(("on" if ckpt else "off", args.mem_batch, f"{r['peak']:.0f} MB"))
+    _table(["grad checkpointing", "batch", "step peak above weights + grads + AdamW state (fp32)"], mem)
+
+# --------------------------------------------------------------------------------------------- clip_loss memory
+
+
+def naive_clip_loss(image_features, text_features, logit_scale):
+    """The textbook InfoNCE: two logits matrices, two cross-entropies (autograd keeps a softmax of each)."""
+    labels = torch.arange(image_features.shape[0])
+    logits_per_image = logit_scale * image_features @ text_features.T
+    logits_per_text = logit_scale * text_features @ image_features.T
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def _loss_child(name, n, queue):
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(n, 512, generator=g), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(n, 512, generator=g), dim=-1).requires_grad_()
+    scale = torch.tensor(100.0, requires_grad=True)
+    resident = _reset_peak()
+    t0 = time.perf_counter()
+    loss = (clip_loss if name == "clip_loss" else naive_clip_loss)(img, txt, scale)
+    loss.backward()
+    queue.put(dict(peak=_proc_status_mb("VmHWM") - resident, s=time.perf_counter() - t0, loss=loss.item()))
+
+
+def bench_loss(args):
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    n, rows = args.loss_batch, []
+    for name in ("clip_loss", "naive two-matrix"):
+        r = _in_child(_loss_child, name, n)
+        rows.append((name, f"{r['peak']:.0f} MB", f"{r['peak'] * 2 ** 20 / (4 * n * n):.1f}", f"{r['s']:.2f} s",
+                     f"{r['loss']:.6f}"))
+    _table([f"loss at batch {n:,} (fwd+bwd)", "peak above inputs", "in units of N² fp32", "time", "value"], rows)
 
 # --------------------------------------------------------------------------------------------- data pipeline
 
@@ -134,11 +234,6 @@ def bench_data(args):
 # --------------------------------------------------------------------------------------------- activation memory
 
 
-def _proc_status_mb(key):
-    with open("/proc/self/status") as f:
-        return int(f.read().split(key + ":")[1].split()[0]) / 1024  # kB
-
-
 def _activation_child(batch, ckpt, precision, queue):
     """Memory of one forward+backward of ViT-B/32 CLIP above what weights, gradients and AdamW moments hold:
     `held` = what the forward pass leaves for backward (saved activations), `peak` = the step's high-water mark."""
@@ -151,9 +246,7 @@ def _activation_child(batch, ckpt, precision, queue):
     images = torch.randn(batch, 3, 224, 224)
     tokens = torch.randint(1, 49405, (batch, 77))
     tokens[:, 0], tokens[:, 40] = 49406, 49407
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter (VmHWM), so the set-up's own peak does not count
-    resident = _proc_status_mb("VmRSS")
+    resident = _reset_peak()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         image_f, text_f, scale = model(images, tokens)
     held = _proc_status_mb("VmRSS") - resident
@@ -256,6 +349,13 @@ def bench_gpu(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
+    mo = sub.add_parser("model", help="ViT-B/32 training step, ours vs open_clip")
+    mo.add_argument("--batch", type=int, default=8)
+    mo.add_argument("--steps", type=int, default=2)
+    mo.add_argument("--rounds", type=int, default=2, help="fresh processes per configuration (best is reported)")
+    mo.add_argument("--mem-batch", type=int, default=32)
+    lo = sub.add_parser("loss", help="clip_loss vs naive InfoNCE, memory and time")
+    lo.add_argument("--loss-batch", type=int, default=4096)
     d = sub.add_parser("data", help="image-text data pipeline, samples/s per CPU core")
     d.add_argument("--data-samples", type=int, default=512, help="samples per round")
     d.add_argument("--rounds", type=int, default=5)
@@ -274,7 +374,7 @@ def main(argv=None):
     g.add_argument("--compile", action="store_true")
     g.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: from the GPU name)")
     args = p.parse_args(argv)
-    {"data": bench_data, "memory": bench_memory, "gpu": bench_gpu}[args.what](args)
+    {"model": bench_model, "loss": bench_loss, "data": bench_data, "memory": bench_memory, "gpu": bench_gpu}[args.what](args)
 
 
 if __name__ == "__main__":

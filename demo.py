@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # world size, stage-1 epochs, stage-2 epochs, stage-2 global batch, fine-tuning epochs
 SIZES = {
     "full": dict(world=dict(n_pairs=6000, n_triplets=2000, n_test_per_class=40, n_retrieval=200),
-                 nights_epochs=8, clip_epochs=6, clip_batch=256, qkv_epochs=2, merges=1000),
+                 nights_epochs=8, clip_epochs=16, clip_batch=256, qkv_epochs=2, merges=1000),
     "quick": dict(world=dict(n_pairs=512, n_triplets=200, n_test_per_class=4, n_retrieval=20, samples_per_shard=256),
                   nights_epochs=1, clip_epochs=1, clip_batch=128, qkv_epochs=1, merges=200),
 }
@@ -71,8 +71,13 @@ def main(argv=None):
     run("train_nights.py", "--data", world.nights, "--out", f"{out}/nights", "--epochs", size["nights_epochs"],
         "--batch-size", 64, "--lr", 1e-3, "--warmup-epochs", 0.5, *common)
     # Stage 2: PI and baseline differ only in --init
+    # Two departures from the paper's stage-2 defaults, for the toy scale only: CLIP's initial temperature (1/0.07)
+    # instead of the paper's ln(100) start, which leaves a 166k-parameter model flat for its first ~300 steps of a
+    # ~370-step budget; and no augmentation, since the toy captions name colours and positions that colour jitter,
+    # grayscale and flips would falsify. Stage 1 keeps its augmentations (drawn once per triplet).
     stage2 = ["--train-data", world.shard_pattern, "--merges", merges, "--epochs", size["clip_epochs"],
-              "--batch-size", size["clip_batch"], "--lr", 2e-3, "--warmup", 10, "--save-every", 20, *common]
+              "--batch-size", size["clip_batch"], "--lr", 2e-3, "--warmup", 20, "--save-every", 100,
+              "--logit-scale-init", 14.29, "--no-augment", *common]
     run("train_clip.py", *stage2, "--out", f"{out}/pi", "--init", f"{out}/nights/nights.pt")
     run("train_clip.py", *stage2, "--out", f"{out}/baseline")
     final = f"epoch_{size['clip_epochs']}.pt"

@@ -47,7 +47,6 @@ import argparse
 import contextlib
 import csv
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -599,27 +598,16 @@ def retrieval_eval(model, tokenizer, json_path, image_root=None, transform=None,
 NIGHTS_SPLITS = ("val", "test_imagenet", "test_no_imagenet")
 
 
-def nights_triplets(root, split, image_size):
-    """data.NightsTriplets without augmentation. Seam: the stage-1 reader takes (root, split, image_size=...) and
-    builds its own eval transform; an earlier sketch of it took (root, split, transform)."""
-    params = inspect.signature(data.NightsTriplets).parameters
-    if "transform" in params:
-        return data.NightsTriplets(root, split, transform=data.eval_transform(image_size))
-    return data.NightsTriplets(root, split, image_size=image_size)
-
-
 @torch.no_grad()
 def nights_eval(model, root, batch_size=128, workers=4):
     """2AFC accuracy (percent) on NIGHTS val, test_imagenet, test_no_imagenet, and their size-weighted test mean
     (DreamSim's overall score). Uses data.NightsTriplets and model.two_afc_accuracy."""
-    if not hasattr(data, "NightsTriplets"):
-        return {"skipped": "data.NightsTriplets is not available in this checkout", "path": root}
     device = _device_of(model)
     out = {}
     with eval_mode(model):
         for split in NIGHTS_SPLITS:
             try:
-                ds = nights_triplets(root, split, model.config.image_size)
+                ds = data.NightsTriplets(root, split, image_size=model.config.image_size)  # no augmentation
             except (FileNotFoundError, RuntimeError, ValueError) as e:
                 out[split] = {"skipped": str(e), "path": root}
                 continue
@@ -861,10 +849,13 @@ def compare(ours, base):
         synthetic = {"zeroshot": {t: _vs(r, sb["zeroshot"].get(t, {}), ("top1", "top5"))
                                   for t, r in so["zeroshot"].items()},
                      "retrieval": _vs(so["retrieval"], sb["retrieval"], RETRIEVAL_METRICS)}
+    no, nb = ours.get("nights") or {}, base.get("nights") or {}
+    nights = {split: _vs(no[split], nb[split], ("2afc",))["2afc"] for split in no
+              if "2afc" in no[split] and "2afc" in nb.get(split, {})} or None
     summary = (f"better on {count['win']} of {len(both)} classification benchmarks (top-1; "
                f"{count['tie']} ties, {count['loss']} losses)")
     return {"datasets": datasets, "families": families, "top1_count": count, "retrieval": retrieval,
-            "synthetic": synthetic, "summary": summary}
+            "synthetic": synthetic, "nights": nights, "summary": summary}
 
 
 def _f(v, signed=False):
@@ -967,6 +958,10 @@ def report_markdown(ours, base=None, comparison=None):
     nights = ours.get("nights")
     if nights and "skipped" in nights:
         parts += ["## NIGHTS 2AFC", f"skipped: {nights['skipped']} ({nights['path']})"]
+    elif nights and comparison and comparison.get("nights"):
+        parts += ["## NIGHTS 2AFC", "| Split | n | Ours | Base | Δ |\n|---|---:|---:|---:|---:|\n" + "\n".join(
+            f"| {s} | {nights[s]['n']} | {_f(v['ours'])} | {_f(v['base'])} | {_f(v['delta'], True)} |"
+            for s, v in comparison["nights"].items())]
     elif nights:
         parts += ["## NIGHTS 2AFC", "| Split | 2AFC | n |\n|---|---:|---:|\n" + "\n".join(
             f"| {s} | {_f(v.get('2afc'))} | {v.get('n', 'skipped: ' + v.get('skipped', ''))} |"

@@ -48,6 +48,7 @@ def get_args(argv=None):
     a("--csv-caption-key", default="title", help="CSV column with the caption (open_clip's name)")
     a("--csv-separator", default=None, help="default: tab for .tsv, comma otherwise")
     a("--merges", default=None, help="BPE merges file (bpe_simple_vocab_16e6.txt.gz, or one from data.learn_bpe)")
+    a("--no-augment", action="store_true", help="resize + centre crop only, no §3.4 augmentations")
     a("--workers", type=int, default=4, help="DataLoader workers per rank (ours)")
     a("--shuffle-buffer", type=int, default=2000, help="tar samples per worker shuffle buffer (ours)")
     # model
@@ -175,7 +176,8 @@ def main(argv=None):
     if args.batch_size % (world * args.accum_steps):
         raise ValueError(f"--batch-size {args.batch_size} must divide into {world} ranks x {args.accum_steps} chunks")
     loader = data.image_text_loader(
-        args.train_data, tokenizer, data.train_transform(cfg.image_size), args.batch_size, d.rank, world,
+        args.train_data, tokenizer, (data.eval_transform if args.no_augment else data.train_transform)(cfg.image_size),
+        args.batch_size, d.rank, world,
         args.workers, args.seed, args.train_num_samples, args.shuffle_buffer, args.csv_img_key, args.csv_caption_key,
         args.csv_separator, cfg.context_length, pin_memory=d.device.type == "cuda")
     steps_per_epoch = loader.steps_per_epoch

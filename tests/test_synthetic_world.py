@@ -184,4 +184,4 @@ def test_never_overwrites_data_it_did_not_write(tmp_path, worlds):
     # its own world is replaced whole: no stale shard survives a smaller rewrite
     w = data.make_synthetic_world(str(tmp_path / "own"), **SMALL)
     w = data.make_synthetic_world(w.root, **{**SMALL, "n_pairs": 10})
-    assert sorted(os.listdir(os.path.join(w.root, "shards"))) == ["00000.tar"]
+    assert sorted(os.listdir(os.path.join(w.root, "shards"))) == ["00000.tar", "00000_stats.json"]
