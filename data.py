@@ -814,7 +814,6 @@ def make_synthetic_world(root, seed=0, n_pairs=5000, n_triplets=2000, n_test_per
 # only triplets with votes >= 6 (unanimous judgements) are kept; `test_imagenet` / `test_no_imagenet` are the rows
 # of `test` with is_imagenet true / false. The label is 1 when humans judged the RIGHT variation x~1 more similar
 # (right_vote > 0.5), 0 when the LEFT x~0 was: the convention of model.perceptual_hinge_loss (PI paper eq. 2).
-from torch.utils.data import Dataset  # (kept here so the sections of data.py merge independently)
 
 NIGHTS_SPLITS = ("train", "val", "test", "test_imagenet", "test_no_imagenet")
 NIGHTS_COLUMNS = ("votes", "right_vote", "ref_path", "left_path", "right_path", "split", "is_imagenet")

@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import data
-from model import CLIP, CLIPConfig, load_checkpoint, load_state_dict_checked, two_afc_accuracy
+from model import CLIP, CLIPConfig, autocast, load_checkpoint, load_state_dict_checked, two_afc_accuracy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -135,8 +135,6 @@ def fit_power_law(n, acc):
 # 2. Encoding: images once per dataset in big batches, bf16 autocast on GPU
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def make_loader(ds, batch_size, workers, device):
@@ -518,7 +516,6 @@ def zero_shot_eval(model, tokenizer, name, root, transform=None, batch_size=256,
                    cache_tag=None, download=False):
     """Zero-shot top-1 / top-5 (percent) of `model` on benchmark `name` read from `root` (= <data-root>/<folder>).
     top5 is None where #classes <= 5 (it would be 100 by construction). Importable from train_clip.py."""
-    device = _device_of(model)
     transform = transform or data.eval_transform(model.config.image_size)
     try:
         ds, classnames, note = build_dataset(name, root, transform, download)
@@ -595,7 +592,7 @@ def retrieval_eval(model, tokenizer, json_path, image_root=None, transform=None,
 # -----------------------------------------------------------------------------------------------------------------
 # 6. NIGHTS 2AFC (stage 1's dataset and metric) and the seeds' perceptual probes
 
-NIGHTS_SPLITS = ("val", "test_imagenet", "test_no_imagenet")
+NIGHTS_EVAL_SPLITS = ("val", "test_imagenet", "test_no_imagenet")
 
 
 @torch.no_grad()
@@ -605,7 +602,7 @@ def nights_eval(model, root, batch_size=128, workers=4):
     device = _device_of(model)
     out = {}
     with eval_mode(model):
-        for split in NIGHTS_SPLITS:
+        for split in NIGHTS_EVAL_SPLITS:
             try:
                 ds = data.NightsTriplets(root, split, image_size=model.config.image_size)  # no augmentation
             except (FileNotFoundError, RuntimeError, ValueError) as e:

@@ -209,19 +209,22 @@ class CLIP(nn.Module):
 
     def forward(self, images, tokens):
         """Returns L2-normalised image and text features and exp(logit_scale), like open_clip's CLIP.forward."""
-        return self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True), self.logit_scale.exp()
+        image_features = self.encode_image(images, normalize=True)
+        return image_features, self.encode_text(tokens, normalize=True), self.logit_scale.exp()
 
 
 def check_token_ids(tokens, vocab_size, context_length):
     """A clear error for token tensors the text tower cannot take (instead of an index crash inside nn.Embedding)."""
     if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
-        raise ValueError(f"token ids must be an integer tensor [batch, length], got {tuple(tokens.shape)} {tokens.dtype}")
+        raise ValueError(f"token ids must be an integer tensor [batch, length], got {tuple(tokens.shape)} "
+                         f"{tokens.dtype}")
     if tokens.shape[1] > context_length:
-        raise ValueError(f"token sequences of length {tokens.shape[1]} exceed the model's context_length {context_length}")
+        raise ValueError(f"token sequences of length {tokens.shape[1]} exceed the model's context_length "
+                         f"{context_length}")
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"token ids span [{lo}, {hi}] but the model's vocabulary has {vocab_size} entries: the tokenizer "
-                         f"(merges file) and CLIPConfig.vocab_size disagree")
+        raise ValueError(f"token ids span [{lo}, {hi}] but the model's vocabulary has {vocab_size} entries: the "
+                         f"tokenizer (merges file) and CLIPConfig.vocab_size disagree")
 
 
 def vision_parameter_names(model):
@@ -460,6 +463,13 @@ class Dist:
     @property
     def is_main(self):
         return self.rank == 0
+
+
+def autocast(device, precision=None):
+    """bf16 autocast (parameters, optimiser state and the loss stay fp32). precision None means bf16 on GPU and fp32
+    on CPU, where bf16 matmuls are slow on most processors."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def setup_distributed():

@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (CLIP, CLIPConfig, JsonlLogger, adamw, check_finite, cleanup_distributed, clip_loss, cosine_lr,
-                   load_state_dict_checked, resume_training_state, save_checkpoint, setup_distributed, training_state)
+from model import (CLIP, CLIPConfig, JsonlLogger, adamw, autocast, check_finite, cleanup_distributed, clip_loss,
+                   cosine_lr, load_state_dict_checked, resume_training_state, save_checkpoint, setup_distributed, training_state)
 
 SKIP_KINDS = ("no image", "no caption", "undecodable", "truncated")  # as counted by the data loaders
 
@@ -151,8 +151,7 @@ def zero_shot_check(model, tokenizer, names, args):
 def main(argv=None):
     args = get_args(argv)
     d = setup_distributed()
-    precision = args.precision or ("bf16" if d.device.type == "cuda" else "fp32")
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    amp = autocast(d.device, args.precision)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (the loss) on tensor cores
@@ -238,7 +237,7 @@ def main(argv=None):
                 lr = cosine_lr(step, total_steps, args.warmup, args.lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss = train_step(model, images, tokens, args.accum_steps, autocast)
+                loss = train_step(model, images, tokens, args.accum_steps, amp)
                 # the mean over ranks is the full-batch loss; checking it on every rank stops all of them together,
                 # before the optimiser touches the weights, so the last checkpoint stays the last good state
                 loss = all_ranks_sum([loss.item()], d.device)[0] / world

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data import NightsTriplets
-from model import (CLIP, CLIPConfig, JsonlLogger, adamw, check_finite, cleanup_distributed, cosine_lr,
+from model import (CLIP, CLIPConfig, JsonlLogger, adamw, autocast, check_finite, cleanup_distributed, cosine_lr,
                    perceptual_hinge_loss, resume_training_state, save_checkpoint, setup_distributed,
                    training_state, two_afc_accuracy)
 
@@ -95,11 +95,6 @@ def learning_rate(args, step, total_steps, warmup_steps):
     if args.schedule == "cosine":
         return cosine_lr(step, total_steps, warmup_steps, args.lr)
     return args.lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else args.lr
-
-
-def autocast(device, precision):
-    # bf16 autocast only on GPU: parameters, optimiser state and the loss stay fp32
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and precision == "bf16")
 
 
 @torch.no_grad()

@@ -379,7 +379,7 @@ def test_nights_eval_matches_direct_two_afc(monkeypatch):
     model = tiny_model().train()  # as train_clip.py / train_nights.py would hand it over mid-training
     out = ev.nights_eval(model, "unused", workers=0, batch_size=3)
     assert model.training  # put back as it was
-    for split in ev.NIGHTS_SPLITS:
+    for split in ev.NIGHTS_EVAL_SPLITS:
         ds = FakeNights(None, split)
         with torch.no_grad():
             f = [model.encode_image(ds.x[:, j]) for j in range(3)]
