@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -27,6 +28,7 @@ import time
 from data import learn_bpe, make_synthetic_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RUNS = ("nights", "pi", "baseline", "qkv", "eval_pi_vs_baseline", "eval_qkv_vs_baseline")  # what demo.py writes
 
 # world size, stage-1 epochs, stage-2 epochs, stage-2 global batch, fine-tuning epochs
 SIZES = {
@@ -62,6 +64,8 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     t0 = time.time()
 
+    for run_dir in RUNS:  # a re-run starts afresh (the training scripts refuse to overwrite a run without --resume)
+        shutil.rmtree(os.path.join(out, run_dir), ignore_errors=True)
     world = make_synthetic_world(os.path.join(out, "world"), seed=args.seed, image_size=64, **size["world"])
     merges = os.path.join(out, "bpe_merges.txt.gz")
     learn_bpe(captions(world.shards), merges, num_merges=size["merges"])

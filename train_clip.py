@@ -185,6 +185,8 @@ def main(argv=None):
     # resume: weights, optimiser, step, and where each data worker was in its stream
     state_path = os.path.join(args.out, "state.pt")
     step, positions, skipped = 0, {}, Counter()
+    if not args.resume and os.path.exists(state_path):  # never overwrite a run's state by accident
+        raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
     if args.resume:
         state = resume_training_state(state_path, raw, optimizer)
         step, skipped = state["step"], Counter(state.get("skipped", {}))

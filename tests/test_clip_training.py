@@ -113,6 +113,8 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     train_clip.main(args + ["--out", out, "--stop-after-steps", "3"])
     assert not os.path.exists(os.path.join(out, "epoch_1.pt"))
     assert load_checkpoint(os.path.join(out, "state.pt"))["step"] == 2
+    with pytest.raises(FileExistsError, match="--resume"):  # a restart without --resume must not clobber it
+        train_clip.main(args + ["--out", out])
     train_clip.main(args + ["--out", out, "--resume"])
     for name in ("epoch_1.pt", "epoch_2.pt"):
         assert_same_weights(weights(tmp_path / "full", name), weights(out, name), atol=0, rtol=0)
