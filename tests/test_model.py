@@ -262,3 +262,16 @@ def test_train_transform_applies_same_parameters_to_all_images_of_a_call():
     assert e.shape == (3, 32, 32)
     torch.testing.assert_close(e[:, 0, 0], (torch.tensor([1.0, 0, 0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(
         [0.26862954, 0.26130258, 0.27577711]), atol=1e-3, rtol=0)
+
+
+def test_loads_torchscript_archive_like_openai_release(tmp_path):
+    """OpenAI ships ViT-B-32.pt as a TorchScript archive; load_checkpoint falls back to torch.jit.load for it."""
+    import warnings
+    model = CLIP(CLIPConfig.tiny()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing warns about the token-id check's Python ints
+        traced = torch.jit.trace(model, (torch.randn(1, 3, 32, 32), random_tokens(1)), check_trace=False)
+    traced.save(str(tmp_path / "ViT-tiny.pt"))
+    fresh = load_state_dict_checked(CLIP(CLIPConfig.tiny()), str(tmp_path / "ViT-tiny.pt"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
