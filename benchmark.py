@@ -13,7 +13,6 @@ import argparse
 import io
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import tarfile
 import tempfile
@@ -29,15 +28,6 @@ import data
 from model import CLIP, CLIPConfig, adamw, clip_loss
 
 # --------------------------------------------------------------------------------------------- shared helpers
-
-
-def _peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def _proc_status_mb(key):
@@ -243,9 +233,7 @@ def _activation_child(batch, ckpt, precision, queue):
     for p in model.parameters():  # gradients and AdamW moments exist before the measured step, as in training
         p.grad = torch.zeros_like(p)
     opt.step()
-    images = torch.randn(batch, 3, 224, 224)
-    tokens = torch.randint(1, 49405, (batch, 77))
-    tokens[:, 0], tokens[:, 40] = 49406, 49407
+    images, tokens = _fake_batch(batch)
     resident = _reset_peak()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         image_f, text_f, scale = model(images, tokens)
@@ -320,9 +308,7 @@ def bench_gpu(args):
         model = torch.compile(raw) if args.compile else raw
         opt = adamw(raw, lr=1e-4)
         b = args.gpu_batch
-        images = torch.randn(b, 3, 224, 224, device=dev)
-        tokens = torch.randint(1, 49405, (b, 77), device=dev)
-        tokens[:, 0], tokens[:, 40] = 49406, 49407
+        images, tokens = _fake_batch(b, dev)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
         torch.cuda.reset_peak_memory_stats()
         times = []

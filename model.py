@@ -221,14 +221,11 @@ def check_token_ids(tokens, vocab_size, context_length):
     if tokens.shape[1] > context_length:
         raise ValueError(f"token sequences of length {tokens.shape[1]} exceed the model's context_length "
                          f"{context_length}")
-    lo, hi = int(tokens.min()), int(tokens.max())
+    lo, hi = (int(v) for v in torch.aminmax(tokens))  # one small reduction; a host sync on GPU, once per text batch
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token ids span [{lo}, {hi}] but the model's vocabulary has {vocab_size} entries: the "
                          f"tokenizer (merges file) and CLIPConfig.vocab_size disagree")
 
-
-def vision_parameter_names(model):
-    return [n for n, _ in model.named_parameters() if n.startswith("visual.")]
 
 # -----------------------------------------------------------------------------------------------------------------
 # 3. Losses
