@@ -231,10 +231,37 @@ def check_token_ids(tokens, vocab_size, context_length):
 # 3. Losses
 
 
+class _AllGather(torch.autograd.Function):
+    """Concatenate x [b, ...] from every rank along dim 0 -> [world * b, ...]. Backward: each rank computed a
+    gradient for the whole gathered tensor, and our slice's total gradient is the sum of those, so the gradients are
+    summed over ranks (reduce-scatter) and each rank keeps its own slice.
+
+    Written on the public collectives (all_gather_into_tensor, reduce_scatter_tensor) rather than the deprecated
+    torch.distributed.nn.functional.all_gather, whose processes could abort at exit."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if dist.get_backend() == "nccl":
+            mine = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad)
+            return mine
+        total = grad.clone()  # gloo has no reduce-scatter; the gathered gradient is small (N x D floats)
+        dist.all_reduce(total)
+        return total.chunk(world)[rank]
+
+
 def _all_gather_with_grad(x):
     """Concatenate x from every rank; the backward pass sums the gradients each rank computed for our slice."""
-    import torch.distributed.nn.functional as dist_fn  # autograd-aware collectives
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _AllGather.apply(x)
 
 
 class _ContrastiveLogSumExp(torch.autograd.Function):
