@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (CLIP, CLIPConfig, CheckpointError, adamw, clip_loss, cosine_lr, load_state_dict_checked,
-                   perceptual_hinge_loss, save_checkpoint, two_afc_accuracy)
+from model import (CLIP, CLIPConfig, CheckpointError, adamw, clip_loss, clip_loss_reference, cosine_lr,
+                   load_state_dict_checked, perceptual_hinge_loss, save_checkpoint, two_afc_accuracy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,6 +95,22 @@ def test_clip_loss_matches_open_clip_value_and_gradients():
         grads.append((loss.detach(), i.grad, t.grad, s.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_clip_loss_equals_the_textbook_form():
+    """clip_loss (one logits matrix, recomputed in backward) against clip_loss_reference (two cross-entropies)."""
+    g = torch.Generator().manual_seed(2)
+    img = F.normalize(torch.randn(24, 16, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(24, 16, generator=g), dim=-1)
+    results = []
+    for fn in (clip_loss, clip_loss_reference):
+        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        s = torch.tensor(30.0, requires_grad=True)
+        loss = fn(i, t, s)
+        loss.backward()
+        results.append((loss.detach(), i.grad, t.grad, s.grad))
+    for fused, reference in zip(*results):
+        torch.testing.assert_close(fused, reference, atol=1e-6, rtol=1e-5)
 
 
 def test_clip_loss_by_hand():
