@@ -783,8 +783,9 @@ def nights_eval(model, root, batch_size=128, workers=4):
             if len(label) == 0:
                 out[split] = skipped(f"none of the {len(ds)} triplets could be read, e.g. {unreadable[:1]}", root)
                 continue
+            no_votes = getattr(ds, "dropped", {}).get("no_votes", 0)  # rows with an empty votes cell
             out[split] = {"2afc": 100 * two_afc_scores(d0, d1, label).mean().item(), "n": len(label),
-                          **unreadable_record(unreadable)}
+                          **unreadable_record(unreadable), **({"n_no_votes": no_votes} if no_votes else {})}
     tests = [out[s] for s in ("test_imagenet", "test_no_imagenet") if "2afc" in out.get(s, {})]
     if len(tests) == 2:
         n = sum(t["n"] for t in tests)
