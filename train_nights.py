@@ -112,11 +112,12 @@ def evaluate(model, loader, device, precision, margin=0.05):
     return {"val_loss": loss_sum / n, "val_2afc": correct / n, "val_n": int(n)}
 
 
-def train(args, model, d, out_name="nights.pt", export=None):
+def train(args, model, d, out_name="nights.pt", export=None, optimizer_options=None):
     """Train the parameters of `model` that require grad (all inside model.visual) with the hinge loss on NIGHTS.
 
     export(model) -> the plain CLIP state dict written to last.pt / best.pt / out_name (default model.state_dict();
-    finetune_qkv.py passes one that merges LoRA). Returns a dict of results (init/last/best validation metrics), or
+    finetune_qkv.py passes one that merges LoRA). optimizer_options: betas / eps for model.adamw (finetune_qkv.py's
+    --lora recipe). Returns a dict of results (init/last/best validation metrics), or
     None when --stop-after-steps stopped the run.
     """
     export = export or (lambda m: m.state_dict())
@@ -141,7 +142,7 @@ def train(args, model, d, out_name="nights.pt", export=None):
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
-    optimizer = adamw(model, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = adamw(model, lr=args.lr, weight_decay=args.weight_decay, **(optimizer_options or {}))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if d.is_main:
         print(f"{len(train_set)} train / {len(val_set)} val triplets, {steps_per_epoch} steps per epoch, "

@@ -336,3 +336,49 @@ def test_stage1_validation_and_reported_2afc_are_one_computation(nights, monkeyp
     labels = torch.stack([val[i][3] for i in range(len(val))])
     from model import two_afc_accuracy
     assert ours["val_2afc"] == pytest.approx(float(two_afc_accuracy(*feats, labels)), abs=1e-6)
+
+
+def test_lora_recipe_is_dreamsims_training_code(nights, stage1, tmp_path):
+    # DreamSim: training/train.py (Adam betas (0.5, 0.999), resize-only data) + configs/train_single_model_lora.yaml
+    args = finetune_qkv.resolve_recipe(finetune_qkv.get_parser().parse_args(
+        ["--checkpoint", "x.pt", "--data", nights, "--out", "o", "--lora", "16"]))
+    assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.margin) == (3e-4, 0.0, 32, 8, 0.05)
+    assert (args.lora, args.lora_alpha, args.lora_dropout) == (16, 32.0, 0.2)
+    assert tuple(args.betas) == (0.5, 0.999) and args.eps == 1e-8 and args.no_augment and args.final == "best"
+    plain = finetune_qkv.resolve_recipe(finetune_qkv.get_parser().parse_args(
+        ["--checkpoint", "x.pt", "--data", nights, "--out", "o", "--betas", "0.8", "0.9"]))
+    assert tuple(plain.betas) == (0.8, 0.9) and not plain.no_augment and plain.batch_size == 16  # flags override
+    # the optimiser a --lora run actually uses
+    base_path, out = os.path.join(stage1[0], "nights.pt"), str(tmp_path / "lora")
+    finetune_qkv.main(["--checkpoint", base_path, "--data", nights, "--out", out, "--epochs", "1", "--workers", "0",
+                       "--lora", "4", "--subset", "0.5"])
+    groups = load_checkpoint(os.path.join(out, "state.pt"))["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.5, 0.999) and g["eps"] == 1e-8 and g["lr"] == 3e-4 for g in groups)
+
+
+def test_lora_dropout_acts_on_the_branch_input_as_peft():
+    torch.manual_seed(0)
+    net = CLIP(CLIPConfig.tiny())
+    finetune_qkv.add_lora(net, r=4, alpha=8.0, dropout=0.5)
+    attn = net.visual.transformer.resblocks[0].attn
+    lora = attn.parametrizations.in_proj_weight[0]
+    torch.nn.init.normal_(lora.lora_B)  # B starts at zero; make the branch visible
+    W, b = attn.parametrizations.in_proj_weight.original, attn.in_proj_bias
+    x = torch.randn(2, 5, W.shape[1])
+    plain = torch.nn.MultiheadAttention(W.shape[1], attn.heads, batch_first=True)  # the reference attention
+    plain.out_proj.load_state_dict(attn.out_proj.state_dict())
+    with torch.no_grad():
+        attn.eval()  # eval: the merged weight W + s·B·A, no dropout
+        plain.in_proj_weight.copy_(W + 2.0 * lora.lora_B @ lora.lora_A)
+        plain.in_proj_bias.copy_(b)
+        torch.testing.assert_close(attn(x), plain(x, x, x, need_weights=False)[0], atol=1e-5, rtol=1e-5)
+        attn.train()  # training: W x + b + s·B·A·dropout(x), with PEFT's dropout mask drawn on x
+        torch.manual_seed(5)
+        out = attn(x)
+        torch.manual_seed(5)
+        dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+        qkv = x @ W.t() + b + 2.0 * dropped @ lora.lora_A.t() @ lora.lora_B.t()
+        q, k, v = (t.view(2, 5, attn.heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        heads = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        want = attn.out_proj(heads.transpose(1, 2).reshape(2, 5, -1))
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
