@@ -1141,7 +1141,8 @@ def synthetic_table(ours, base=None):
     lines = ["| Benchmark | n | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
 
     def row(label, n, vo, vb):
-        cells = [fmt(vo)] + ([fmt(vb), fmt(vo - vb if vo is not None and vb is not None else None, True)] if sb else [])
+        delta = vo - vb if vo is not None and vb is not None else None
+        cells = [fmt(vo)] + ([fmt(vb), fmt(delta, True)] if sb else [])
         lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
     for task, r in so["zeroshot"].items():
         b = sb.get("zeroshot", {}).get(task, {})
