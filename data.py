@@ -823,22 +823,41 @@ def _is_true(value):
     return str(value).strip().lower() in ("true", "1", "yes", "t", "1.0")
 
 
-def read_nights_csv(root, split, min_votes=6):
-    """The rows of `<root>/data.csv` in `split` with votes >= min_votes, as dicts (paths are relative to root)."""
+def _votes(row, csv_path, line):
+    """The row's vote count, None for an empty cell; a clear error for anything else that is not a number."""
+    cell = (row["votes"] or "").strip()
+    if not cell:
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        raise ValueError(f"{csv_path}, line {line}: votes is {cell!r}, not a number") from None
+
+
+def read_nights_csv(root, split, min_votes=6, dropped=None):
+    """The rows of `<root>/data.csv` in `split` with votes >= min_votes, as dicts (paths are relative to root).
+    A row whose `votes` cell is empty is dropped, as DreamSim's pandas filter (votes >= 6 is False for NaN) drops it,
+    and counted in dropped["no_votes"] when a dict is given. The file is read as UTF-8 whatever the locale."""
     if split not in NIGHTS_SPLITS:
         raise ValueError(f"unknown NIGHTS split '{split}'; choose one of {', '.join(NIGHTS_SPLITS)}")
     csv_path = os.path.join(root, "data.csv")
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"NIGHTS index not found: {csv_path} (expected the dataset folder as distributed "
                                 f"with DreamSim: data.csv plus the ref/ and distort/ image folders)")
-    with open(csv_path, newline="") as f:
+    base = "test" if split.startswith("test") else split
+    rows, no_votes = [], 0
+    with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in NIGHTS_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{csv_path} lacks the column(s) {', '.join(missing)}; found {reader.fieldnames}")
-        rows = [r for r in reader if float(r["votes"]) >= min_votes]
-    base = "test" if split.startswith("test") else split
-    rows = [r for r in rows if r["split"] == base]
+        for line, r in enumerate(reader, start=2):
+            votes = _votes(r, csv_path, line)
+            no_votes += votes is None and r["split"] == base
+            if votes is not None and votes >= min_votes and r["split"] == base:
+                rows.append(r)
+    if dropped is not None:
+        dropped["no_votes"] = dropped.get("no_votes", 0) + no_votes
     if split == "test_imagenet":
         rows = [r for r in rows if _is_true(r["is_imagenet"])]
     elif split == "test_no_imagenet":
@@ -865,7 +884,11 @@ class NightsTriplets(Dataset):
         if not 0 < subset <= 1:
             raise ValueError(f"subset must be a fraction in (0, 1], got {subset}")
         self.root, self.split, self.augment, self.seed, self.epoch = root, split, augment, seed, 0
-        rows = read_nights_csv(root, split, min_votes)
+        self.dropped = {}
+        rows = read_nights_csv(root, split, min_votes, dropped=self.dropped)
+        if self.dropped["no_votes"]:
+            warnings.warn(f"{os.path.join(root, 'data.csv')}: {self.dropped['no_votes']} row(s) of split '{split}' "
+                          f"with an empty votes cell dropped (as DreamSim's loader drops them)")
         if not rows:
             raise ValueError(f"{os.path.join(root, 'data.csv')} has no triplets in split '{split}' "
                              f"with votes >= {min_votes}")

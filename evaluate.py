@@ -1,7 +1,7 @@
 """
 Evaluate a CLIP checkpoint the way the PI paper does: zero-shot classification on its 29 datasets (Table 1, Figure 2),
-Flickr30k / COCO retrieval (Table 2), scaling curves over a run's checkpoints (Figures 3-4), NIGHTS 2AFC, and the
-seeds' perceptual probes (TID2013, texture-shape bias, noise sensitivity).
+Flickr30k / COCO retrieval (Table 2), scaling curves over a run's checkpoints (Figures 3-4), NIGHTS 2AFC, and
+perceptual probes (TID2013, texture-shape bias, noise sensitivity).
 
     python evaluate.py --checkpoint runs/pi/epoch_32.pt --merges bpe_simple_vocab_16e6.txt.gz \
         --data-root /data/eval --datasets all --retrieval flickr30k,coco --nights /data/nights \
@@ -13,30 +13,46 @@ seeds' perceptual probes (TID2013, texture-shape bias, noise sensitivity).
 From training code: zero_shot_eval(model, tokenizer, "imagenet1k", root), retrieval_eval(model, tokenizer, json),
 nights_eval(model, nights_root), folder_zero_shot_eval(...), synthetic_eval(model, tokenizer, world_root).
 
-Everything reads from one folder per dataset under --data-root; a dataset whose files are missing is reported as
-skipped (with the path looked at), never a crash of the run. Layout (torchvision's own layout wherever torchvision has
-the set; `<R>` is --data-root):
+Everything reads from one folder per dataset under --data-root. A set whose files are missing, or that fails in any
+way, is recorded as skipped with the reason and the path, and the run goes on; a single unreadable image is skipped and
+counted (n_unreadable); results.json is rewritten after every benchmark, so a killed run keeps what it measured.
+Layout under --data-root (torchvision's own wherever torchvision has the set; this table is layout_table(), printed
+from BENCHMARKS, and a test keeps this copy and README.md's equal to it):
 
-    imagenet1k        <R>/imagenet1k/val/<wnid>/*.JPEG, or torchvision ImageNet(<R>/imagenet1k, split="val")
-    imagenet-a/-o/-r  <R>/imagenet-a/<wnid>/*.jpg   (the released tars, extracted)
-    imagenet_sketch   <R>/imagenet_sketch/<wnid>/*.JPEG   (the zip's sketch/ folder)
-    imagenetv2        <R>/imagenetv2/<0..999>/*.jpeg   (matched-frequency release; folders are class indices)
-    objectnet         <R>/objectnet/objectnet-1.0/{images,mappings}/
-    cifar10/cifar100, mnist, svhn, pcam, dtd, flowers, pets, cars, food101, fgvc_aircraft, country211, gtsrb,
-    renderedsst2, stl10, eurosat
-                      torchvision.datasets.X(root=<R>/<name>, test split; --download lets torchvision fetch them)
-    caltech101        <R>/caltech101/[caltech101/]101_ObjectCategories/<class>/*.jpg
-    clevr_count_all, clevr_closest_object_distance
-                      <R>/clevr/[clevr/]CLEVR_v1.0/{images/val, scenes/CLEVR_val_scenes.json}
-    kitti_closest_vehicle_distance
-                      <R>/kitti/[Kitti/raw/]training/{image_2,label_2}/ (+ optional <R>/kitti/test_ids.txt)
-    resisc45          <R>/resisc45/[NWPU-RESISC45/]<class>/*.jpg
-    voc2007           <R>/voc2007/VOCdevkit/VOC2007/{JPEGImages,Annotations,ImageSets/Main/test.txt}
-    flickr30k         <R>/flickr30k/dataset_flickr30k.json + images in <R>/flickr30k/[flickr30k-images/|images/]
-    coco              <R>/coco/dataset_coco.json + <R>/coco/val2014/*.jpg  (Karpathy split JSON, `filepath` field)
-    tid2013           <R>/tid2013/{mos_with_names.txt, reference_images/, distorted_images/}
-    cue-conflict      <R>/cue-conflict/<shape>/<shape>N-<texture>M.png  (Geirhos et al.)
-    CIFAR-100-C       <R>/CIFAR-100-C/{gaussian_noise.npy, labels.npy}  (+ <R>/cifar100 for the clean accuracy)
+    imagenet1k                     imagenet1k/val/<wnid>/*.JPEG, or imagenet1k/: torchvision ImageNet(split='val')
+    imagenet-a                     imagenet-a/<wnid>/*.jpg (the released tar, extracted)
+    imagenet-o                     imagenet-o/<wnid>/*.jpg (the released tar, extracted)
+    imagenet-r                     imagenet-r/<wnid>/*.jpg (the released tar, extracted)
+    imagenet_sketch                imagenet_sketch/[sketch/]<wnid>/*.JPEG (the zip, extracted)
+    imagenetv2                     imagenetv2/[ImageNetV2-matched-frequency/]<0..999>/*.jpeg
+    objectnet                      objectnet/objectnet-1.0/{images,mappings}/
+    cifar100                       cifar100/: torchvision CIFAR100(train=False)
+    caltech101                     caltech101/[caltech101/]101_ObjectCategories/<class>/*.jpg
+    clevr_closest_object_distance  clevr/[clevr/]CLEVR_v1.0/{images/val/, scenes/CLEVR_val_scenes.json}
+    clevr_count_all                clevr/ (as clevr_closest_object_distance)
+    kitti_closest_vehicle_distance kitti/[Kitti/raw/]training/{image_2,label_2}/ (+ optional kitti/test_ids.txt)
+    dtd                            dtd/: torchvision DTD(split='test')
+    eurosat                        eurosat/: torchvision EuroSAT() (a fixed 20% of it)
+    flowers                        flowers/: torchvision Flowers102(split='test')
+    pets                           pets/: torchvision OxfordIIITPet(split='test', target_types='category')
+    resisc45                       resisc45/[NWPU-RESISC45/]<class>/*.jpg
+    svhn                           svhn/: torchvision SVHN(split='test')
+    pcam                           pcam/: torchvision PCAM(split='test')
+    cars                           cars/: torchvision StanfordCars(split='test')
+    food101                        food101/: torchvision Food101(split='test')
+    fgvc_aircraft                  fgvc_aircraft/: torchvision FGVCAircraft(split='test', annotation_level='variant')
+    voc2007                        voc2007/VOCdevkit/VOC2007/{JPEGImages,Annotations,ImageSets/Main/test.txt}
+    cifar10                        cifar10/: torchvision CIFAR10(train=False)
+    country211                     country211/: torchvision Country211(split='test')
+    gtsrb                          gtsrb/: torchvision GTSRB(split='test')
+    mnist                          mnist/: torchvision MNIST(train=False)
+    renderedsst2                   renderedsst2/: torchvision RenderedSST2(split='test')
+    stl10                          stl10/: torchvision STL10(split='test')
+    flickr30k                      flickr30k/dataset_flickr30k.json + images in flickr30k/[flickr30k-images/|images/]
+    coco                           coco/dataset_coco.json + coco/val2014/*.jpg (Karpathy JSON, `filepath` field)
+    tid2013                        tid2013/{mos_with_names.txt, reference_images/, distorted_images/}
+    cue_conflict                   cue-conflict/<shape>/<shape>N-<texture>M.png (Geirhos et al.)
+    noise                          CIFAR-100-C/{gaussian_noise.npy, labels.npy} (+ cifar100/ for the clean accuracy)
 
 Where a VTAB test split cannot be rebuilt without TensorFlow Datasets (EuroSAT, RESISC45, Caltech-101, KITTI) we use a
 fixed split of the same size and say so in the dataset's `split` note in the results; #test in the tables is always
@@ -46,6 +62,7 @@ the number of images actually evaluated. Accuracies and recalls are in percent.
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -58,11 +75,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
 
 import data
-from model import CLIP, CLIPConfig, autocast, load_checkpoint, load_state_dict_checked, two_afc_accuracy
+from model import (CLIP, CLIPConfig, autocast, load_checkpoint, load_state_dict_checked, triplet_distances,
+                   two_afc_scores)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -71,15 +89,30 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".
 # 1. Metrics
 
 
-def topk_accuracy(logits, targets, k):
-    """Fraction of rows whose target is among the k highest logits. Ties are split evenly: a target tied with e
-    classes (itself included) behind g strictly higher ones counts (k - g) / e, clipped to [0, 1], which is the
-    expected top-k under random tie-breaking (a constant model gets k/C, not 0 or 1). Without ties this is the usual
-    top-k; k >= #classes gives 1."""
+def topk_hits(logits, targets, k):
+    """Per row: 1 when the target is among the k highest logits, 0 when not. Ties are split evenly: a target tied
+    with e classes (itself included) behind g strictly higher ones scores (k - g) / e, clipped to [0, 1], which is
+    the expected top-k under random tie-breaking (a constant model gets k/C, not 0 or 1)."""
     target_logit = logits.gather(1, targets.view(-1, 1))
     greater = (logits > target_logit).sum(1).float()
     equal = (logits == target_logit).sum(1).float()
-    return ((k - greater) / equal).clamp(0, 1).mean().item()
+    return ((k - greater) / equal).clamp(0, 1)
+
+
+def topk_accuracy(logits, targets, k):
+    """Fraction of rows whose target is among the k highest logits (ties split as in topk_hits). Without ties this
+    is the usual top-k; k >= #classes gives 1."""
+    return topk_hits(logits, targets, k).mean().item()
+
+
+def mean_per_class_recall(logits, targets):
+    """Top-1 recall of each class that has test images, averaged over those classes: clip_benchmark's
+    `mean_per_class_recall` (sklearn's balanced accuracy), which DataComp reports for Caltech-101, FGVC-Aircraft,
+    Flowers and Pets, where classes differ a lot in size. Ties are split as in topk_hits."""
+    n_classes = logits.shape[1]
+    hits = torch.zeros(n_classes).index_add_(0, targets, topk_hits(logits, targets, 1))
+    count = torch.bincount(targets, minlength=n_classes).float()
+    return (hits[count > 0] / count[count > 0]).mean().item()
 
 
 def recall_at_k(scores, positives, k):
@@ -132,26 +165,81 @@ def fit_power_law(n, acc):
     return {"a": float(np.exp(log_a)), "beta": float(beta), "points": int(keep.sum())}
 
 # -----------------------------------------------------------------------------------------------------------------
-# 2. Encoding: images once per dataset in big batches, bf16 autocast on GPU
+# 2. Encoding: images once per dataset in big batches, bf16 autocast on GPU; an unreadable image is skipped, counted
 
 
+class DatasetUnavailable(Exception):
+    """A benchmark's files are missing or unreadable: the run records it as skipped and goes on."""
+
+
+class Unreadable(str):
+    """Stands in for a dataset item that could not be read; the string says which and why."""
+
+
+class Readable(Dataset):
+    """A dataset whose items that cannot be read (a 0-byte or truncated image, a file that is not there) come back as
+    Unreadable instead of raising, so that one bad file costs one image, not its whole set."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            return self.ds[i]
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+            return Unreadable(f"{item_path(self.ds, i)}: {type(e).__name__}: {e}")
+
+
+def item_path(ds, i):
+    """The file behind item i where the dataset keeps a list of them, else its index."""
+    if isinstance(getattr(ds, "items", None), list):
+        return ds.items[i][0]
+    if isinstance(getattr(ds, "paths", None), list):
+        return ds.paths[i]
+    return f"item {i}"
+
+
+def collate_readable(batch):
+    """(the readable items collated as usual, or None if there are none; [the Unreadable ones])."""
+    good = [b for b in batch if not isinstance(b, Unreadable)]
+    return (default_collate(good) if good else None), [b for b in batch if isinstance(b, Unreadable)]
 
 
 def make_loader(ds, batch_size, workers, device):
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+    """Batches of (readable items, unreadable reasons); read them through `readable_batches`."""
+    return DataLoader(Readable(ds), batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate_readable)
+
+
+def readable_batches(loader, unreadable, desc="images"):
+    """The readable part of each batch of a make_loader loader; the reasons for the others go into `unreadable`."""
+    for batch, bad in tqdm(loader, desc=desc, leave=False, disable=None):
+        unreadable.extend(bad)
+        if batch is not None:
+            yield batch
 
 
 @torch.no_grad()
 def encode_images(model, loader, device, desc="images"):
-    """Unit-norm float32 image embeddings [N, D] (on CPU) and the loader's second item stacked [N]."""
-    feats, labels = [], []
-    for images, y in tqdm(loader, desc=desc, leave=False, disable=None):
+    """Unit-norm float32 image embeddings [N, D] (on CPU) and the items' second field stacked [N], for the N readable
+    items of a make_loader loader, and the list of the unreadable ones. DatasetUnavailable if none is readable."""
+    feats, labels, unreadable = [], [], []
+    for images, y in readable_batches(loader, unreadable, desc):
         with autocast(device):
             f = model.encode_image(images.to(device, non_blocking=True))
         feats.append(F.normalize(f.float(), dim=-1).cpu())
         labels.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(labels)
+    if not feats:
+        raise DatasetUnavailable(f"none of the {len(unreadable)} images could be read, e.g. {unreadable[:1]}")
+    return torch.cat(feats), torch.cat(labels), unreadable
+
+
+def unreadable_record(unreadable, shown=5):
+    """What results.json keeps about skipped images: how many, and the first few with their reasons."""
+    return {"n_unreadable": len(unreadable), "unreadable": unreadable[:shown]} if unreadable else {}
 
 
 @torch.no_grad()
@@ -168,8 +256,9 @@ def encode_texts(model, tokenizer, texts, device, batch_size=1024):
 
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer, classnames, templates, device, batch_size=1024):
-    """SPEC §5 (CLIP's prompt ensembling): for each class, encode every template filled with the class name,
-    L2-normalise each, average, re-normalise. Returns [D, C] so that logits = 100 * image_emb @ classifier."""
+    """CLIP's prompt ensembling (Radford et al. 2021, §3.1.4; clip_benchmark's zero_shot_classifier): for each
+    class, encode every template filled with the class name, L2-normalise each, average, re-normalise.
+    Returns [D, C] so that logits = 100 * image_emb @ classifier."""
     texts = [t.format(c, c=c) for c in classnames for t in templates]  # "{c}" (clip_benchmark) or "{}" templates
     emb = encode_texts(model, tokenizer, texts, device, batch_size)
     emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
@@ -191,81 +280,7 @@ def cached_classifier(model, tokenizer, classnames, templates, device, cache_dir
     return clf
 
 # -----------------------------------------------------------------------------------------------------------------
-# 3. The paper's 29 classification sets (Table 1): family, task, #test and #classes as the paper lists them
-
-FAMILIES = ["ImageNet", "ImageNet OOD", "VTAB", "Fine-grained & Specialty", "Misc. / Domain & Small"]
-
-
-@dataclass
-class Benchmark:
-    title: str
-    family: str
-    task: str
-    n_test: int  # as in the paper's Table 1
-    n_classes: int
-    folder: str = ""  # under --data-root; defaults to the benchmark's name
-
-
-_F = FAMILIES
-BENCHMARKS = {
-    "imagenet1k": Benchmark("ImageNet-1k", _F[0], "Visual recog.", 50000, 1000),
-    "imagenet-a": Benchmark("ImageNet-A", _F[1], "Visual recog.", 7500, 200),
-    "imagenet-o": Benchmark("ImageNet-O", _F[1], "Visual recog.", 2000, 200),
-    "imagenet-r": Benchmark("ImageNet-R", _F[1], "Visual recog.", 30000, 200),
-    "imagenet_sketch": Benchmark("ImageNet-Sketch", _F[1], "Visual recog.", 50889, 1000),
-    "imagenetv2": Benchmark("ImageNet-V2", _F[1], "Visual recog.", 10000, 1000),
-    "objectnet": Benchmark("ObjectNet", _F[1], "Visual recog.", 18574, 113),
-    "cifar100": Benchmark("CIFAR-100", _F[2], "Visual recog.", 10000, 100),
-    "caltech101": Benchmark("Caltech-101", _F[2], "Object recog.", 6085, 102),
-    "clevr_closest_object_distance": Benchmark("CLEVR-Dist.", _F[2], "Distance pred.", 15000, 6, "clevr"),
-    "clevr_count_all": Benchmark("CLEVR-Count", _F[2], "Counting", 15000, 8, "clevr"),
-    "kitti_closest_vehicle_distance": Benchmark("KITTI-CVD", _F[2], "Distance pred.", 711, 4, "kitti"),
-    "dtd": Benchmark("DTD", _F[2], "Texture cls.", 1880, 47),
-    "eurosat": Benchmark("EuroSAT", _F[2], "Satellite recog.", 5400, 10),
-    "flowers": Benchmark("Flowers-102", _F[2], "Flower recog.", 6149, 102),
-    "pets": Benchmark("Oxford-IIIT Pet", _F[2], "Pet cls.", 3669, 37),
-    "resisc45": Benchmark("RESISC45", _F[2], "Remote-sens.", 6300, 45),
-    "svhn": Benchmark("SVHN", _F[2], "Digit recog.", 26032, 10),
-    "pcam": Benchmark("PCAM", _F[2], "Histopath. cls.", 32768, 2),
-    "cars": Benchmark("Stanford Cars", _F[3], "Vehicle recog.", 8041, 196),
-    "food101": Benchmark("Food-101", _F[3], "Food recog.", 25250, 101),
-    "fgvc_aircraft": Benchmark("FGVC-Aircraft", _F[3], "Aircraft recog.", 3333, 100),
-    "voc2007": Benchmark("PASCAL VOC 07", _F[3], "Object recog.", 14976, 20),
-    "cifar10": Benchmark("CIFAR-10", _F[4], "Visual recog.", 10000, 10),
-    "country211": Benchmark("Country211", _F[4], "Geolocation", 21100, 211),
-    "gtsrb": Benchmark("GTSRB", _F[4], "Traffic-sign recog.", 12630, 43),
-    "mnist": Benchmark("MNIST", _F[4], "Digit recog.", 10000, 10),
-    "renderedsst2": Benchmark("Rendered-SST2", _F[4], "Sentiment cls.", 1821, 2),
-    "stl10": Benchmark("STL-10", _F[4], "Visual recog.", 8000, 10),
-}
-RETRIEVAL = {"flickr30k": ("Flickr 1K Test", "dataset_flickr30k.json"),  # name: (Table 2 heading, Karpathy JSON)
-             "coco": ("MS-COCO 2014 5K Test", "dataset_coco.json")}
-PROBES = ("tid2013", "cue_conflict", "noise")
-
-_PROMPTS = None
-
-
-def prompts():
-    """zeroshot_prompts.json: CLIP's class names and templates, as clip_benchmark ships them (see its _source)."""
-    global _PROMPTS
-    if _PROMPTS is None:
-        with open(os.path.join(HERE, "zeroshot_prompts.json")) as f:
-            _PROMPTS = json.load(f)
-    return _PROMPTS
-
-
-def parse_names(text, known, what):
-    """'all' or a comma list, checked at once so a typo fails before any model is loaded."""
-    if not text:
-        return []
-    names = list(known) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"unknown {what}: {', '.join(unknown)}. Known: {', '.join(known)}")
-    return names
-
-# -----------------------------------------------------------------------------------------------------------------
-# 4. Reading the datasets (torchvision where it has the set, small readers for the rest)
+# 3. Reading the datasets: torchvision where it has the set, a small reader for each of the others
 
 
 class RGB:
@@ -345,75 +360,60 @@ def imagenet_names():
     return dict(zip(p["_imagenet1k_wnids"], p["imagenet1k"]["classes"]))
 
 
-def build_dataset(name, root, transform, download=False):
-    """Test split of benchmark `name` read from `root` -> (dataset of (image, label), class names, split note).
-    Raises FileNotFoundError / RuntimeError when files are missing."""
-    import torchvision.datasets as tvd
-    entry = prompts()[name]
-    classes, note = entry["classes"], "test"
-    tf = RGB(transform)
-    tv = dict(root=root, transform=tf, download=download)
-    if name in ("cifar10", "cifar100"):
-        ds = (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(train=False, **tv)
-    elif name == "mnist":
-        ds = tvd.MNIST(train=False, **tv)
-    elif name in ("dtd", "flowers", "svhn", "pcam", "cars", "food101", "country211", "gtsrb", "renderedsst2", "stl10"):
-        cls = dict(dtd=tvd.DTD, flowers=tvd.Flowers102, svhn=tvd.SVHN, pcam=tvd.PCAM, cars=tvd.StanfordCars,
-                   food101=tvd.Food101, country211=tvd.Country211, gtsrb=tvd.GTSRB, renderedsst2=tvd.RenderedSST2,
-                   stl10=tvd.STL10)[name]
-        ds = cls(split="test", **tv)  # DTD: partition 1, as clip_benchmark
-    elif name == "pets":
-        ds = tvd.OxfordIIITPet(split="test", target_types="category", **tv)
-    elif name == "fgvc_aircraft":
-        ds = tvd.FGVCAircraft(split="test", annotation_level="variant", **tv)
-    elif name == "eurosat":  # torchvision has no split; VTAB tests on 20% (5,400)
-        full = tvd.EuroSAT(**tv)
-        ds = Subset(full, [i for i, _ in fixed_subset(list(enumerate(full.targets)), 0.2)])
-        note = "fixed 20% subset (seed 0) of torchvision EuroSAT, VTAB's test size"
-    elif name == "imagenet1k":
-        names = imagenet_names()
-        if os.path.isdir(os.path.join(root, "val")):
-            ds = ImageList(folder_items(os.path.join(root, "val"), {w: i for i, w in enumerate(names)}), transform)
-        elif os.path.exists(os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")):
-            ds = tvd.ImageNet(root, split="val", transform=tf)  # unpacks the archives on first use
-        else:
-            raise FileNotFoundError(f"neither {root}/val/<wnid>/ nor torchvision ImageNet's archives in {root}")
-        note = "val"
-    elif name in ("imagenet-a", "imagenet-o", "imagenet-r", "imagenet_sketch"):
-        names = imagenet_names()  # folders are wnids; the class list is the wnids present, in ImageNet order
-        folder = find_dir(root, "sketch", "") if name == "imagenet_sketch" else root
-        wnids = [d for d in class_folders(folder) if d in names]
-        classes = [names[w] for w in wnids]
-        ds = ImageList(folder_items(folder, {w: i for i, w in enumerate(wnids)}), transform)
-    elif name == "imagenetv2":
-        folder = find_dir(root, "imagenetv2-matched-frequency-format-val", "")
-        classes = prompts()["imagenet1k"]["classes"]
-        ds = ImageList(folder_items(folder, {str(i): i for i in range(1000)}), transform)
-    elif name == "objectnet":
-        ds, classes = objectnet(root, transform)
-    elif name == "caltech101":
-        ds, note = caltech101(root, transform)
-    elif name.startswith("clevr_"):
-        ds = clevr(root, name, transform)
-        note = "CLEVR val (VTAB's test split)"
-    elif name == "kitti_closest_vehicle_distance":
-        ds, note = kitti_closest_vehicle_distance(root, transform)
-    elif name == "resisc45":
-        folder = find_dir(root, "NWPU-RESISC45", "")
-        dirs = class_folders(folder)
-        classes = [d.replace("_", " ") for d in dirs]
-        ds = ImageList(fixed_subset(folder_items(folder, {d: i for i, d in enumerate(dirs)}), 0.2), transform)
-        note = "fixed 20% subset (seed 0), VTAB's test size"
-    elif name == "voc2007":
-        ds = voc2007_crops(root, transform)
-    else:
-        raise KeyError(name)
-    if classes is None:  # torchvision's own class list (clip_benchmark does the same)
-        classes = ds.classes if name != "food101" else [c.replace("_", " ") for c in ds.classes]
-    return ds, classes, note
+# Every reader takes (root = <data-root>/<folder>, image transform, download) and returns (dataset of (image, label),
+# its class names or None for zeroshot_prompts.json's list, a note on the split). It raises OSError / ValueError /
+# KeyError when files are missing or malformed; the caller records that for the set and goes on.
 
 
-def objectnet(root, transform):
+@dataclass
+class Torchvision:
+    """A set torchvision reads itself: torchvision.datasets.<name>(root, **kwargs), with torchvision's class list
+    (clip_benchmark uses the same) unless zeroshot_prompts.json gives one."""
+    name: str
+    kwargs: dict
+    spaces: bool = False  # class names with '_' -> ' ' (clip_benchmark's Food-101)
+
+    def __call__(self, root, transform, download):
+        import torchvision.datasets as tvd
+        ds = getattr(tvd, self.name)(root=root, transform=RGB(transform), download=download, **self.kwargs)
+        classes = [c.replace("_", " ") for c in ds.classes] if self.spaces else ds.classes
+        return ds, classes, "test"
+
+    def layout(self, folder):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{folder}/: torchvision {self.name}({args})"
+
+
+def read_imagenet1k(root, transform, download):
+    if os.path.isdir(os.path.join(root, "val")):
+        wnids = prompts()["_imagenet1k_wnids"]
+        return ImageList(folder_items(os.path.join(root, "val"), {w: i for i, w in enumerate(wnids)}), transform), \
+            None, "val"
+    if os.path.exists(os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")):
+        import torchvision.datasets as tvd
+        return tvd.ImageNet(root, split="val", transform=RGB(transform)), None, "val"  # unpacks the archives once
+    raise FileNotFoundError(f"neither {root}/val/<wnid>/ nor torchvision ImageNet's archives in {root}")
+
+
+def read_wnid_folders(root, transform, download):
+    """ImageNet-A/-O/-R/-Sketch: one folder per wnid; the classes are the wnids present, in ImageNet order, named as
+    in ImageNet (clip_benchmark masks ImageNet's list the same way)."""
+    names = imagenet_names()
+    folder = find_dir(root, "sketch", "")
+    wnids = [w for w in names if os.path.isdir(os.path.join(folder, w))]
+    return ImageList(folder_items(folder, {w: i for i, w in enumerate(wnids)}), transform), \
+        [names[w] for w in wnids], "test"
+
+
+def read_imagenetv2(root, transform, download):
+    """Matched-frequency ImageNet-V2 in clip_benchmark's layout (ImageNetV2-matched-frequency/) or the release
+    tarball's (imagenetv2-matched-frequency-format-val/); folders are class indices, not ImageFolder's order."""
+    folder = find_dir(root, "ImageNetV2-matched-frequency", "imagenetv2-matched-frequency-format-val", "")
+    items = folder_items(folder, {str(i): i for i in range(1000)})
+    return ImageList(items, transform), prompts()["imagenet1k"]["classes"], "test"
+
+
+def read_objectnet(root, transform, download):
     """ObjectNet's 113 classes that map onto ImageNet, named and ordered as clip_benchmark (from wise-ft) does."""
     base = find_dir(root, "objectnet-1.0", "")
     with open(os.path.join(base, "mappings", "folder_to_objectnet_label.json")) as f:
@@ -421,43 +421,56 @@ def objectnet(root, transform):
     with open(os.path.join(base, "mappings", "objectnet_to_imagenet_1k.json")) as f:
         in_imagenet = set(json.load(f))
     folders = sorted(d for d, lab in folder_to_label.items() if lab in in_imagenet)
-    classes = [folder_to_label[d].lower() for d in folders]
     items = folder_items(os.path.join(base, "images"), {d: i for i, d in enumerate(folders)})
-    return ImageList(items, transform), classes
+    return ImageList(items, transform), [folder_to_label[d].lower() for d in folders], "test"
 
 
-def caltech101(root, transform, n_train=30):
+def read_caltech101(root, transform, download, n_train=30):
     """All 102 folders (with BACKGROUND_Google, as VTAB and the paper's #classes) in case-sensitive order; the test
     split is everything but the first 30 images of each class, VTAB's split rule (TFDS draws its 30 at random)."""
     folder = find_dir(root, "caltech101/101_ObjectCategories", "101_ObjectCategories")
     items = []
     for i, d in enumerate(class_folders(folder)):
         items += [(p, i) for p in list_images(os.path.join(folder, d))[n_train:]]
-    return ImageList(items, transform), "all but the first 30 images per class (VTAB's rule, not its draw)"
+    return ImageList(items, transform), None, "all but the first 30 images per class (VTAB's rule, not its draw)"
 
 
-def clevr(root, name, transform):
-    """CLEVR val scenes -> VTAB's count_all (objects - 3) or closest_object_distance (depth of the nearest object
-    binned at 8, 8.5, 9, 9.5, 10) labels."""
+def clevr_items(root, label_of_scene):
     base = find_dir(root, "CLEVR_v1.0", "clevr/CLEVR_v1.0")
     with open(os.path.join(base, "scenes", "CLEVR_val_scenes.json")) as f:
         scenes = json.load(f)["scenes"]
+    return [(os.path.join(base, "images", "val", s["image_filename"]), label_of_scene(s)) for s in scenes]
+
+
+def clevr_count(scene):
+    return len(scene["objects"]) - 3  # VTAB's count_all: 3..10 objects -> 8 classes
+
+
+def clevr_closest_distance(scene):
+    """VTAB's closest_object_distance: depth of the nearest object binned at 8, 8.5, 9, 9.5, 10."""
+    depth = min(o["pixel_coords"][2] for o in scene["objects"])
     thresholds = np.array([0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0])
-    items = []
-    for s in scenes:
-        if name == "clevr_count_all":
-            label = len(s["objects"]) - 3
-        else:
-            depth = min(o["pixel_coords"][2] for o in s["objects"])
-            label = int(np.max(np.where(thresholds - depth < 0)))
-        items.append((os.path.join(base, "images", "val", s["image_filename"]), label))
-    return ImageList(items, transform)
+    return int(np.max(np.where(thresholds - depth < 0)))
 
 
-def kitti_closest_vehicle_distance(root, transform):
-    """VTAB's KITTI task: depth of the nearest Car/Van/Truck binned at 8 m and 20 m, or 'no vehicle'. VTAB tests on
-    TFDS's kitti validation split (711 images, chosen by drive); give its image ids in test_ids.txt to use it,
-    otherwise every labelled training image is evaluated."""
+def read_clevr_count_all(root, transform, download):
+    return ImageList(clevr_items(root, clevr_count), transform), None, "CLEVR val (VTAB's test split)"
+
+
+def read_clevr_closest_object_distance(root, transform, download):
+    return ImageList(clevr_items(root, clevr_closest_distance), transform), None, "CLEVR val (VTAB's test split)"
+
+
+def kitti_label(depth):
+    """VTAB's closest_vehicle_distance bins: the largest i with thresholds[i] < depth, for thresholds
+    (-100, 8, 20, 999); so 8.00 m exactly is still class 0 and 'no vehicle' (depth 1000) is class 3."""
+    return max(i for i, t in enumerate((-100.0, 8.0, 20.0, 999.0)) if t < depth)
+
+
+def read_kitti(root, transform, download):
+    """VTAB's KITTI task: depth of the nearest Car/Van/Truck, binned by kitti_label. VTAB tests on TFDS's kitti `test`
+    split (711 images, chosen by drive); give its image ids in test_ids.txt to use it, otherwise every labelled
+    training image is evaluated."""
     base = find_dir(root, "training", "Kitti/raw/training")
     ids_file = os.path.join(root, "test_ids.txt")
     if os.path.exists(ids_file):
@@ -471,12 +484,30 @@ def kitti_closest_vehicle_distance(root, transform):
         with open(os.path.join(base, "label_2", i + ".txt")) as f:
             rows = [line.split() for line in f if line.strip()]
         depth = min([float(r[13]) for r in rows if r[0] in ("Car", "Van", "Truck")] + [1000.0])
-        label = 0 if depth < 8 else 1 if depth < 20 else 2 if depth < 999 else 3
-        items.append((os.path.join(base, "image_2", i + ".png"), label))
-    return ImageList(items, transform), note
+        items.append((os.path.join(base, "image_2", i + ".png"), kitti_label(depth)))
+    return ImageList(items, transform), None, note
 
 
-def voc2007_crops(root, transform):
+def read_resisc45(root, transform, download):
+    """NWPU-RESISC45's class folders, labelled by their index in clip_benchmark's class list (TFDS's names, which are
+    the folder names); a fixed 20% of the images, VTAB's test size."""
+    folder = find_dir(root, "NWPU-RESISC45", "")
+    label = {c: i for i, c in enumerate(prompts()["resisc45"]["classes"])}
+    unknown = [d for d in class_folders(folder) if d not in label]
+    if unknown:
+        raise ValueError(f"{folder} has class folders RESISC45 does not have: {', '.join(unknown[:5])}")
+    items = fixed_subset(folder_items(folder, label), 0.2)
+    return ImageList(items, transform), None, "fixed 20% subset (seed 0), VTAB's test size"
+
+
+def read_eurosat(root, transform, download):
+    import torchvision.datasets as tvd
+    full = tvd.EuroSAT(root=root, transform=RGB(transform), download=download)  # no split: VTAB tests on 20%
+    ds = Subset(full, [i for i, _ in fixed_subset(list(enumerate(full.targets)), 0.2)])
+    return ds, None, "fixed 20% subset (seed 0) of torchvision EuroSAT, VTAB's test size"
+
+
+def read_voc2007(root, transform, download):
     """Every annotated object of the VOC 2007 test set cropped to its box (clip_benchmark's PASCALVoc2007Cropped)."""
     base = find_dir(root, "VOCdevkit/VOC2007", "VOC2007")
     classes = prompts()["voc2007"]["classes"]
@@ -487,14 +518,138 @@ def voc2007_crops(root, transform):
         for obj in ET.parse(os.path.join(base, "Annotations", i + ".xml")).findall("object"):
             box = [int(obj.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
             items.append((os.path.join(base, "JPEGImages", i + ".jpg"), classes.index(obj.find("name").text), box))
-    return ImageList(items, transform)
+    return ImageList(items, transform), None, "test"
+
+# -----------------------------------------------------------------------------------------------------------------
+# 4. The paper's 29 classification sets (Table 1): one entry each, with how it is read and where its files live
+
+FAMILIES = ["ImageNet", "ImageNet OOD", "VTAB", "Fine-grained & Specialty", "Misc. / Domain & Small"]
+IMAGENET, IMAGENET_OOD, VTAB, FINE_GRAINED, MISC = FAMILIES
+
+
+@dataclass
+class Benchmark:
+    title: str
+    family: str
+    task: str
+    n_test: int  # as in the paper's Table 1
+    n_classes: int
+    read: object  # a Torchvision entry or a reader function (section 3)
+    layout: str = ""  # the files under <data-root>, for layout_table(); a Torchvision entry describes itself
+    folder: str = ""  # under --data-root; defaults to the benchmark's name
+
+
+BENCHMARKS = {
+    "imagenet1k": Benchmark("ImageNet-1k", IMAGENET, "Visual recog.", 50000, 1000, read_imagenet1k,
+                            "imagenet1k/val/<wnid>/*.JPEG, or imagenet1k/: torchvision ImageNet(split='val')"),
+    "imagenet-a": Benchmark("ImageNet-A", IMAGENET_OOD, "Visual recog.", 7500, 200, read_wnid_folders,
+                            "imagenet-a/<wnid>/*.jpg (the released tar, extracted)"),
+    "imagenet-o": Benchmark("ImageNet-O", IMAGENET_OOD, "Visual recog.", 2000, 200, read_wnid_folders,
+                            "imagenet-o/<wnid>/*.jpg (the released tar, extracted)"),
+    "imagenet-r": Benchmark("ImageNet-R", IMAGENET_OOD, "Visual recog.", 30000, 200, read_wnid_folders,
+                            "imagenet-r/<wnid>/*.jpg (the released tar, extracted)"),
+    "imagenet_sketch": Benchmark("ImageNet-Sketch", IMAGENET_OOD, "Visual recog.", 50889, 1000, read_wnid_folders,
+                                 "imagenet_sketch/[sketch/]<wnid>/*.JPEG (the zip, extracted)"),
+    "imagenetv2": Benchmark("ImageNet-V2", IMAGENET_OOD, "Visual recog.", 10000, 1000, read_imagenetv2,
+                            "imagenetv2/[ImageNetV2-matched-frequency/]<0..999>/*.jpeg"),
+    "objectnet": Benchmark("ObjectNet", IMAGENET_OOD, "Visual recog.", 18574, 113, read_objectnet,
+                           "objectnet/objectnet-1.0/{images,mappings}/"),
+    "cifar100": Benchmark("CIFAR-100", VTAB, "Visual recog.", 10000, 100, Torchvision("CIFAR100", {"train": False})),
+    "caltech101": Benchmark("Caltech-101", VTAB, "Object recog.", 6085, 102, read_caltech101,
+                            "caltech101/[caltech101/]101_ObjectCategories/<class>/*.jpg"),
+    "clevr_closest_object_distance": Benchmark(
+        "CLEVR-Dist.", VTAB, "Distance pred.", 15000, 6, read_clevr_closest_object_distance,
+        "clevr/[clevr/]CLEVR_v1.0/{images/val/, scenes/CLEVR_val_scenes.json}", "clevr"),
+    "clevr_count_all": Benchmark("CLEVR-Count", VTAB, "Counting", 15000, 8, read_clevr_count_all,
+                                 "clevr/ (as clevr_closest_object_distance)", "clevr"),
+    "kitti_closest_vehicle_distance": Benchmark(
+        "KITTI-CVD", VTAB, "Distance pred.", 711, 4, read_kitti,
+        "kitti/[Kitti/raw/]training/{image_2,label_2}/ (+ optional kitti/test_ids.txt)", "kitti"),
+    "dtd": Benchmark("DTD", VTAB, "Texture cls.", 1880, 47, Torchvision("DTD", {"split": "test"})),  # partition 1
+    "eurosat": Benchmark("EuroSAT", VTAB, "Satellite recog.", 5400, 10, read_eurosat,
+                         "eurosat/: torchvision EuroSAT() (a fixed 20% of it)"),
+    "flowers": Benchmark("Flowers-102", VTAB, "Flower recog.", 6149, 102, Torchvision("Flowers102", {"split": "test"})),
+    "pets": Benchmark("Oxford-IIIT Pet", VTAB, "Pet cls.", 3669, 37,
+                      Torchvision("OxfordIIITPet", {"split": "test", "target_types": "category"})),
+    "resisc45": Benchmark("RESISC45", VTAB, "Remote-sens.", 6300, 45, read_resisc45,
+                          "resisc45/[NWPU-RESISC45/]<class>/*.jpg"),
+    "svhn": Benchmark("SVHN", VTAB, "Digit recog.", 26032, 10, Torchvision("SVHN", {"split": "test"})),
+    "pcam": Benchmark("PCAM", VTAB, "Histopath. cls.", 32768, 2, Torchvision("PCAM", {"split": "test"})),
+    "cars": Benchmark("Stanford Cars", FINE_GRAINED, "Vehicle recog.", 8041, 196,
+                      Torchvision("StanfordCars", {"split": "test"})),
+    "food101": Benchmark("Food-101", FINE_GRAINED, "Food recog.", 25250, 101,
+                         Torchvision("Food101", {"split": "test"}, spaces=True)),
+    "fgvc_aircraft": Benchmark("FGVC-Aircraft", FINE_GRAINED, "Aircraft recog.", 3333, 100,
+                               Torchvision("FGVCAircraft", {"split": "test", "annotation_level": "variant"})),
+    "voc2007": Benchmark("PASCAL VOC 07", FINE_GRAINED, "Object recog.", 14976, 20, read_voc2007,
+                         "voc2007/VOCdevkit/VOC2007/{JPEGImages,Annotations,ImageSets/Main/test.txt}"),
+    "cifar10": Benchmark("CIFAR-10", MISC, "Visual recog.", 10000, 10, Torchvision("CIFAR10", {"train": False})),
+    "country211": Benchmark("Country211", MISC, "Geolocation", 21100, 211,
+                            Torchvision("Country211", {"split": "test"})),
+    "gtsrb": Benchmark("GTSRB", MISC, "Traffic-sign recog.", 12630, 43, Torchvision("GTSRB", {"split": "test"})),
+    "mnist": Benchmark("MNIST", MISC, "Digit recog.", 10000, 10, Torchvision("MNIST", {"train": False})),
+    "renderedsst2": Benchmark("Rendered-SST2", MISC, "Sentiment cls.", 1821, 2,
+                              Torchvision("RenderedSST2", {"split": "test"})),
+    "stl10": Benchmark("STL-10", MISC, "Visual recog.", 8000, 10, Torchvision("STL10", {"split": "test"})),
+}
+RETRIEVAL = {"flickr30k": ("Flickr 1K Test", "dataset_flickr30k.json"),  # name: (Table 2 heading, Karpathy JSON)
+             "coco": ("MS-COCO 2014 5K Test", "dataset_coco.json")}
+RETRIEVAL_LAYOUT = {"flickr30k": "flickr30k/dataset_flickr30k.json + images in flickr30k/[flickr30k-images/|images/]",
+                    "coco": "coco/dataset_coco.json + coco/val2014/*.jpg (Karpathy JSON, `filepath` field)"}
+PROBES = ("tid2013", "cue_conflict", "noise")
+PROBE_LAYOUT = {"tid2013": "tid2013/{mos_with_names.txt, reference_images/, distorted_images/}",
+                "cue_conflict": "cue-conflict/<shape>/<shape>N-<texture>M.png (Geirhos et al.)",
+                "noise": "CIFAR-100-C/{gaussian_noise.npy, labels.npy} (+ cifar100/ for the clean accuracy)"}
+
+
+def layout_of(name):
+    b = BENCHMARKS[name]
+    return b.read.layout(b.folder or name) if isinstance(b.read, Torchvision) else b.layout
+
+
+def layout_table(markdown=False):
+    """Where every set's files live under --data-root, from BENCHMARKS itself. The module docstring and README.md
+    carry a copy of this text, and a test checks that they still do, so the three cannot drift apart."""
+    rows = [(n, layout_of(n)) for n in BENCHMARKS] + list(RETRIEVAL_LAYOUT.items()) + list(PROBE_LAYOUT.items())
+    if markdown:
+        return "\n".join(["| benchmark | files under `--data-root` |", "|---|---|"]
+                         + [f"| {n} | `{where}` |" for n, where in rows])
+    return "\n".join(f"    {n:30s} {where}" for n, where in rows)
+
+
+_PROMPTS = None
+
+
+def prompts():
+    """zeroshot_prompts.json: CLIP's class names and templates, as clip_benchmark ships them (see its _source)."""
+    global _PROMPTS
+    if _PROMPTS is None:
+        with open(os.path.join(HERE, "zeroshot_prompts.json"), encoding="utf-8") as f:
+            _PROMPTS = json.load(f)
+    return _PROMPTS
+
+
+def parse_names(text, known, what):
+    """'all' or a comma list, checked at once so a typo fails before any model is loaded."""
+    if not text:
+        return []
+    names = list(known) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)}. Known: {', '.join(known)}")
+    return names
+
+
+def build_dataset(name, root, transform, download=False):
+    """Test split of benchmark `name` read from `root` -> (dataset of (image, label), class names, split note).
+    The class names are zeroshot_prompts.json's where it lists them, else the reader's (torchvision's, or the
+    ImageNet names of the folders present). Raises OSError / ValueError / KeyError when files are missing."""
+    ds, classes, note = BENCHMARKS[name].read(root, transform, download)
+    listed = prompts()[name]["classes"]
+    return ds, listed if listed is not None else classes, note
 
 # -----------------------------------------------------------------------------------------------------------------
 # 5. Zero-shot classification and retrieval
-
-
-class DatasetUnavailable(Exception):
-    """A benchmark's files are missing or incomplete: the run reports it as skipped and goes on."""
 
 
 @contextlib.contextmanager
@@ -514,8 +669,9 @@ def _device_of(model):
 
 def zero_shot_eval(model, tokenizer, name, root, transform=None, batch_size=256, workers=4, cache_dir=None,
                    cache_tag=None, download=False):
-    """Zero-shot top-1 / top-5 (percent) of `model` on benchmark `name` read from `root` (= <data-root>/<folder>).
-    top5 is None where #classes <= 5 (it would be 100 by construction). Importable from train_clip.py."""
+    """Zero-shot top-1 / top-5 / mean per-class recall (percent) of `model` on benchmark `name` read from `root`
+    (= <data-root>/<folder>). top5 is None where #classes <= 5 (it would be 100 by construction). Importable from
+    train_clip.py. DatasetUnavailable when the set's files are missing or none of its images can be read."""
     transform = transform or data.eval_transform(model.config.image_size)
     try:
         ds, classnames, note = build_dataset(name, root, transform, download)
@@ -523,21 +679,24 @@ def zero_shot_eval(model, tokenizer, name, root, transform=None, batch_size=256,
         raise DatasetUnavailable(f"{type(e).__name__}: {e}") from e
     if len(ds) == 0:
         raise DatasetUnavailable(f"no images found under {root}")
-    r = zero_shot_on(model, tokenizer, ds, classnames, prompts()[name]["templates"], batch_size, workers, cache_dir,
-                     cache_tag, desc=name)
+    r = zero_shot_on(model, tokenizer, ds, classnames, prompts()[name]["templates"], batch_size=batch_size,
+                     workers=workers, cache_dir=cache_dir, cache_tag=cache_tag, desc=name)
     return {**r, "split": note}
 
 
 def zero_shot_on(model, tokenizer, ds, classnames, templates, batch_size=256, workers=4, cache_dir=None, cache_tag=None,
                  desc="zero-shot"):
-    """Top-1 / top-5 (percent) on a dataset of (image, class index); top5 None where #classes <= 5."""
+    """Top-1 / top-5 / mean per-class recall (percent) on a dataset of (image, class index), over its readable
+    images (n; the others are counted in n_unreadable); top5 None where #classes <= 5."""
     device = _device_of(model)
     with eval_mode(model):
         clf = cached_classifier(model, tokenizer, classnames, templates, device, cache_dir, cache_tag)
-        feats, labels = encode_images(model, make_loader(ds, batch_size, workers, device), device, desc=desc)
+        feats, labels, unreadable = encode_images(model, make_loader(ds, batch_size, workers, device), device, desc)
     logits = 100 * feats @ clf
     top5 = 100 * topk_accuracy(logits, labels, 5) if len(classnames) > 5 else None
-    return {"top1": 100 * topk_accuracy(logits, labels, 1), "top5": top5, "n": len(ds), "n_classes": len(classnames)}
+    return {"top1": 100 * topk_accuracy(logits, labels, 1), "top5": top5,
+            "mean_per_class_recall": 100 * mean_per_class_recall(logits, labels), "n": len(labels),
+            "n_classes": len(classnames), **unreadable_record(unreadable)}
 
 
 def folder_zero_shot_eval(model, tokenizer, folder, classnames, templates, transform=None, batch_size=256, workers=4):
@@ -548,7 +707,8 @@ def folder_zero_shot_eval(model, tokenizer, folder, classnames, templates, trans
     if len(dirs) != len(classnames):
         raise ValueError(f"{folder} has {len(dirs)} class folders but {len(classnames)} class names were given")
     ds = ImageList(folder_items(folder, {d: i for i, d in enumerate(dirs)}), transform)
-    return zero_shot_on(model, tokenizer, ds, classnames, templates, batch_size, workers, desc=os.path.basename(folder))
+    return zero_shot_on(model, tokenizer, ds, classnames, templates, batch_size=batch_size, workers=workers,
+                        desc=os.path.basename(folder))
 
 
 class KarpathyRetrieval(Dataset):
@@ -556,13 +716,18 @@ class KarpathyRetrieval(Dataset):
     `test` images and the first 5 captions of each (the any-of-5 convention). Items are (image, image index)."""
 
     def __init__(self, json_path, image_root, transform, split="test", captions_per_image=5):
-        with open(json_path) as f:
-            images = [im for im in json.load(f)["images"] if im["split"] == split]
+        with open(json_path, encoding="utf-8") as f:
+            index = json.load(f)
+        if not isinstance(index, dict) or not isinstance(index.get("images"), list):
+            raise ValueError(f"{json_path} has no \"images\" list: not a Karpathy split JSON")
+        images = [im for im in index["images"] if im.get("split") == split]
         rel = [os.path.join(im.get("filepath", ""), im["filename"]) for im in images]
+        if not rel:
+            raise ValueError(f"{json_path} has no images in split '{split}'")
         roots = [image_root] + [os.path.join(image_root, d) for d in ("flickr30k-images", "images")]
-        found = [r for r in roots if rel and os.path.exists(os.path.join(r, rel[0]))]
+        found = [r for r in roots if any(os.path.exists(os.path.join(r, p)) for p in rel[:20])]
         if not found:
-            raise FileNotFoundError(f"{rel[0] if rel else 'no test images'} under any of " + ", ".join(roots))
+            raise FileNotFoundError(f"{rel[0]} under any of " + ", ".join(roots))
         self.paths = [os.path.join(found[0], r) for r in rel]
         self.captions = [[s["raw"].strip() for s in im["sentences"][:captions_per_image]] for im in images]
         self.transform = transform
@@ -577,28 +742,32 @@ class KarpathyRetrieval(Dataset):
 
 def retrieval_eval(model, tokenizer, json_path, image_root=None, transform=None, batch_size=256, workers=4):
     """Table 2: I->T and T->I R@1/5/10 (percent) on the test split of a Karpathy-format JSON (Flickr30k 1k test,
-    COCO 5k test); images are looked up under image_root (default: the JSON's folder)."""
+    COCO 5k test); images are looked up under image_root (default: the JSON's folder). An unreadable image is left
+    out with its captions and counted."""
     device = _device_of(model)
     transform = transform or data.eval_transform(model.config.image_size)
     ds = KarpathyRetrieval(json_path, image_root or os.path.dirname(json_path), transform)
     name = os.path.basename(json_path)
-    texts = [c for caps in ds.captions for c in caps]
-    text_to_image = [i for i, caps in enumerate(ds.captions) for _ in caps]
     with eval_mode(model):
-        image_emb, _ = encode_images(model, make_loader(ds, batch_size, workers, device), device, desc=name)
+        image_emb, image_ids, unreadable = encode_images(model, make_loader(ds, batch_size, workers, device), device,
+                                                         desc=name)
+        captions = [ds.captions[i] for i in image_ids.tolist()]  # of the readable images, in their order
+        texts = [c for caps in captions for c in caps]
         text_emb = encode_texts(model, tokenizer, texts, device)
-    return {**retrieval_metrics(image_emb, text_emb, text_to_image), "n_images": len(ds), "n_texts": len(texts)}
+    text_to_image = [i for i, caps in enumerate(captions) for _ in caps]
+    return {**retrieval_metrics(image_emb, text_emb, text_to_image), "n_images": len(captions), "n_texts": len(texts),
+            **unreadable_record(unreadable)}
 
 # -----------------------------------------------------------------------------------------------------------------
-# 6. NIGHTS 2AFC (stage 1's dataset and metric) and the seeds' perceptual probes
+# 6. NIGHTS 2AFC (stage 1's dataset and metric) and perceptual probes (TID2013, cue conflict, noise)
 
 NIGHTS_EVAL_SPLITS = ("val", "test_imagenet", "test_no_imagenet")
 
 
-@torch.no_grad()
 def nights_eval(model, root, batch_size=128, workers=4):
     """2AFC accuracy (percent) on NIGHTS val, test_imagenet, test_no_imagenet, and their size-weighted test mean
-    (DreamSim's overall score). Uses data.NightsTriplets and model.two_afc_accuracy."""
+    (DreamSim's overall score), through model.triplet_distances as stage 1's validation. A triplet with an
+    unreadable image is left out and counted."""
     device = _device_of(model)
     out = {}
     with eval_mode(model):
@@ -606,19 +775,17 @@ def nights_eval(model, root, batch_size=128, workers=4):
             try:
                 ds = data.NightsTriplets(root, split, image_size=model.config.image_size)  # no augmentation
             except (FileNotFoundError, RuntimeError, ValueError) as e:
-                out[split] = {"skipped": str(e), "path": root}
+                out[split] = skipped(str(e), root)
                 continue
-            emb = {"ref": [], "left": [], "right": []}
-            labels = []
-            for ref, left, right, label in tqdm(make_loader(ds, batch_size, workers, device), desc=f"nights {split}",
-                                                leave=False, disable=None):
-                with autocast(device):  # one forward for all three images
-                    f = model.encode_image(torch.cat([ref, left, right]).to(device, non_blocking=True)).float().cpu()
-                for key, part in zip(emb, f.chunk(3)):
-                    emb[key].append(part)
-                labels.append(torch.as_tensor(label).float())
-            acc = two_afc_accuracy(*(torch.cat(v) for v in emb.values()), torch.cat(labels))
-            out[split] = {"2afc": 100 * float(acc), "n": len(ds)}
+            unreadable = []
+            batches = readable_batches(make_loader(ds, batch_size, workers, device), unreadable, f"nights {split}")
+            d0, d1, label = triplet_distances(model, batches, device)
+            if len(label) == 0:
+                out[split] = skipped(f"none of the {len(ds)} triplets could be read, e.g. {unreadable[:1]}", root)
+                continue
+            no_votes = getattr(ds, "dropped", {}).get("no_votes", 0)  # rows with an empty votes cell
+            out[split] = {"2afc": 100 * two_afc_scores(d0, d1, label).mean().item(), "n": len(label),
+                          **unreadable_record(unreadable), **({"n_no_votes": no_votes} if no_votes else {})}
     tests = [out[s] for s in ("test_imagenet", "test_no_imagenet") if "2afc" in out.get(s, {})]
     if len(tests) == 2:
         n = sum(t["n"] for t in tests)
@@ -644,19 +811,22 @@ def tid2013_eval(model, root, transform=None, batch_size=256, workers=4):
                 pairs.append((ref, files[("distorted_images", name.lower())]))
                 mos.append(float(score))
     paths = sorted({p for pair in pairs for p in pair})
-    index = {p: i for i, p in enumerate(paths)}
     with eval_mode(model):
-        emb, _ = encode_images(model, make_loader(ImageList([(p, 0) for p in paths], transform), batch_size, workers,
-                                                  device), device, desc="tid2013")
-    sim = np.array([float(emb[index[r]] @ emb[index[d]]) for r, d in pairs])
-    return {"pearson": pearson(sim, mos), "spearman": spearman(sim, mos), "n": len(pairs)}
+        loader = make_loader(ImageList([(p, i) for i, p in enumerate(paths)], transform), batch_size, workers, device)
+        emb, ids, unreadable = encode_images(model, loader, device, desc="tid2013")
+    row = {paths[i]: k for k, i in enumerate(ids.tolist())}  # a pair with an unreadable image is left out
+    kept = [(r, d, m) for (r, d), m in zip(pairs, mos) if r in row and d in row]
+    sim = np.array([float(emb[row[r]] @ emb[row[d]]) for r, d, _ in kept])
+    mos = [m for _, _, m in kept]
+    return {"pearson": pearson(sim, mos), "spearman": spearman(sim, mos), "n": len(kept),
+            **unreadable_record(unreadable)}
 
 
 def cue_conflict_eval(model, tokenizer, root, transform=None, batch_size=256, workers=4):
     """Texture-shape bias on Geirhos et al.'s cue-conflict images (<shape>/<shape>N-<texture>M.png; images whose
-    shape and texture class agree are left out). texture_bias (SPEC §6): the share of images where the texture
-    class's prompt beats the shape class's. shape_bias (Geirhos' protocol): among images whose 16-way zero-shot
-    decision is the shape or the texture class, the share decided by shape."""
+    shape and texture class agree are left out). texture_bias: the share of images where the texture class's prompt
+    beats the shape class's (a pairwise form of Geirhos et al.'s measure). shape_bias (Geirhos' protocol): among
+    images whose 16-way zero-shot decision is the shape or the texture class, the share decided by shape."""
     device = _device_of(model)
     transform = transform or data.eval_transform(model.config.image_size)
     classes = class_folders(root)
@@ -669,18 +839,20 @@ def cue_conflict_eval(model, tokenizer, root, transform=None, batch_size=256, wo
                 textures.append(classes.index(texture))
     if not items:
         return skipped("no <shape>/<shape>N-<texture>M.png images found", root)
+    shapes = torch.tensor([label for _, label in items])
     with eval_mode(model):
         clf = zero_shot_classifier(model, tokenizer, classes, prompts()["imagenet1k"]["templates"], device)
-        emb, shape = encode_images(model, make_loader(ImageList(items, transform), batch_size, workers, device), device,
-                                   desc="cue-conflict")
-    logits, texture = emb @ clf, torch.tensor(textures)
-    rows = torch.arange(len(items))
+        loader = make_loader(ImageList([(p, i) for i, (p, _) in enumerate(items)], transform), batch_size, workers,
+                             device)
+        emb, ids, unreadable = encode_images(model, loader, device, desc="cue-conflict")
+    logits, shape, texture = emb @ clf, shapes[ids], torch.tensor(textures)[ids]
+    rows = torch.arange(len(ids))
     tex_wins = (logits[rows, texture] > logits[rows, shape]).sum().item()
     shape_wins = (logits[rows, shape] > logits[rows, texture]).sum().item()
     pred = logits.argmax(1)
     by_shape, by_texture = (pred == shape).sum().item(), (pred == texture).sum().item()
     return {"texture_bias": tex_wins / max(tex_wins + shape_wins, 1),
-            "shape_bias": by_shape / max(by_shape + by_texture, 1), "n": len(items)}
+            "shape_bias": by_shape / max(by_shape + by_texture, 1), "n": len(ids), **unreadable_record(unreadable)}
 
 
 def noise_sensitivity_eval(model, tokenizer, root_c, root_clean, transform=None, batch_size=256, workers=4,
@@ -697,7 +869,9 @@ def noise_sensitivity_eval(model, tokenizer, root_c, root_clean, transform=None,
     with eval_mode(model):
         clf = zero_shot_classifier(model, tokenizer, classes, prompts()["cifar100"]["templates"], device)
         loader = make_loader(ArrayImages(images, labels, transform), batch_size, workers, device)
-        feats, y = encode_images(model, loader, device, desc="cifar100-c")
+        feats, y, unreadable = encode_images(model, loader, device, desc="cifar100-c")
+    if unreadable:  # in-memory arrays: nothing to skip, and the 5 severity blocks must stay aligned
+        raise ValueError(f"{root_c}: {unreadable[0]}")
     per_block = len(images) // 5
     noisy = [100 * topk_accuracy(feats[s:s + per_block] @ clf, y[s:s + per_block], 1)
              for s in range(0, 5 * per_block, per_block)]
@@ -726,63 +900,99 @@ def synthetic_eval(model, tokenizer, root, batch_size=256, workers=4):
     return out
 
 # -----------------------------------------------------------------------------------------------------------------
-# 7. One model, every benchmark: a dict with every number, missing data reported as skipped
+# 7. One model, every benchmark: a dict with every number; a set that is missing or fails is recorded as skipped
 
 
 def skipped(reason, path):
     return {"skipped": reason, "path": path}
 
 
+def failure(error, path):
+    """What a benchmark that raised records: the reason (missing files, or any other error by its type) and where."""
+    reason = str(error) if isinstance(error, DatasetUnavailable) else f"failed: {type(error).__name__}: {error}"
+    return skipped(reason, path)
+
+
+def zero_shot_benchmark(model, tokenizer, name, data_root, download, kw):
+    root = os.path.join(data_root, BENCHMARKS[name].folder or name)
+    if not os.path.isdir(root) and not download:
+        return skipped("missing", root)
+    try:
+        return zero_shot_eval(model, tokenizer, name, root, download=download, **kw)
+    except Exception as e:  # one bad set must not end the run (nor lose the others' numbers)
+        return failure(e, root)
+
+
+def retrieval_benchmark(model, tokenizer, name, data_root, kw):
+    root = os.path.join(data_root, name)
+    json_path = os.path.join(root, RETRIEVAL[name][1])
+    if not os.path.exists(json_path):
+        return skipped(f"missing {json_path}", root)
+    try:
+        return retrieval_eval(model, tokenizer, json_path, root, batch_size=kw["batch_size"], workers=kw["workers"])
+    except Exception as e:
+        return failure(e, json_path)
+
+
+def guarded(path, fn, *args, **kwargs):
+    """fn(*args, **kwargs), or the failure record for `path` if it raises."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        return failure(e, path)
+
+
+def log_line(name, r):
+    if "skipped" in r:
+        return f"{name:32s} skipped ({r['skipped']}: {r['path']})"
+    if "top1" in r:
+        line = f"{name:32s} top1 {r['top1']:5.1f}  top5 {fmt(r['top5']):>5s}  ({r['n']} images)"
+    else:
+        line = f"{name:32s} " + "  ".join(f"{k} {r[k]:5.1f}" for k in RETRIEVAL_METRICS)
+    return line + (f", {r['n_unreadable']} unreadable skipped" if r.get("n_unreadable") else "")
+
+
 def evaluate(model, tokenizer, data_root, datasets=(), retrieval=(), nights=None, probes=(), synthetic=None,
-             batch_size=256, workers=4, cache_dir=None, cache_tag=None, download=False, log=print):
+             batch_size=256, workers=4, cache_dir=None, cache_tag=None, download=False, log=print, on_result=None):
     """Everything the report needs for one model. Numbers are percentages (probe correlations and biases are
-    fractions). A benchmark whose files are missing is recorded as {"skipped": why, "path": where} and the run goes on.
-    synthetic: root of data.make_synthetic_world (the CPU demo)."""
+    fractions). A benchmark whose files are missing, or that fails in any way, is recorded as {"skipped": why,
+    "path": where} and the run goes on. on_result(res) is called after every benchmark with the results so far
+    (main() rewrites results.json with them). synthetic: root of data.make_synthetic_world (the CPU demo)."""
     res = {"units": "percent", "zeroshot": {}, "families": {}, "retrieval": {}, "nights": None, "probes": {},
            "synthetic": None}
+    done = on_result or (lambda _: None)
     kw = dict(batch_size=batch_size, workers=workers)
     for name in datasets:
-        root = os.path.join(data_root, BENCHMARKS[name].folder or name)
-        if not os.path.isdir(root) and not download:
-            r = skipped("missing", root)
-        else:
-            try:
-                r = zero_shot_eval(model, tokenizer, name, root, cache_dir=cache_dir, cache_tag=cache_tag,
-                                   download=download, **kw)
-            except DatasetUnavailable as e:
-                r = skipped(str(e), root)
+        r = zero_shot_benchmark(model, tokenizer, name, data_root, download,
+                                dict(kw, cache_dir=cache_dir, cache_tag=cache_tag))
         res["zeroshot"][name] = r
-        log(f"{name:32s} top1 {r['top1']:5.1f}  top5 {_f(r['top5']):>5s}  ({r['n']} images)" if "top1" in r
-            else f"{name:32s} skipped ({r['skipped']}: {r['path']})")
-    for metric in ("top1", "top5"):
-        for fam, v in family_means(res["zeroshot"], metric).items():
-            res["families"].setdefault(fam, {})[metric] = v
+        res["families"] = {fam: {m: family_means(res["zeroshot"], m)[fam] for m in ("top1", "top5")}
+                           for fam in FAMILIES}
+        log(log_line(name, r))
+        done(res)
     for name in retrieval:
-        root = os.path.join(data_root, name)
-        json_path = os.path.join(root, RETRIEVAL[name][1])
-        try:
-            if not os.path.exists(json_path):
-                raise FileNotFoundError(f"missing {json_path}")
-            r = retrieval_eval(model, tokenizer, json_path, root, **kw)
-            log(f"{name:32s} " + "  ".join(f"{k} {r[k]:5.1f}" for k in RETRIEVAL_METRICS))
-        except FileNotFoundError as e:
-            r = skipped(str(e), root)
-            log(f"{name:32s} skipped ({e})")
-        res["retrieval"][name] = r
+        res["retrieval"][name] = r = retrieval_benchmark(model, tokenizer, name, data_root, kw)
+        log(log_line(name, r))
+        done(res)
     if nights:
-        res["nights"] = nights_eval(model, nights, **kw) if os.path.isdir(nights) else skipped("missing", nights)
+        res["nights"] = (guarded(nights, nights_eval, model, nights, **kw) if os.path.isdir(nights)
+                         else skipped("missing", nights))
         log(f"{'nights':32s} {json.dumps(res['nights'])}")
+        done(res)
     if synthetic:
         res["synthetic"] = synthetic_eval(model, tokenizer, synthetic, **kw)
         log(f"{'synthetic':32s} {json.dumps(res['synthetic'])}")
+        done(res)
     for probe in probes:
-        res["probes"][probe] = run_probe(probe, model, tokenizer, data_root, res, kw)
+        res["probes"][probe] = guarded(data_root, run_probe, probe, model, tokenizer, data_root, res, kw)
         log(f"{probe:32s} {json.dumps(res['probes'][probe])}")
+        done(res)
     return res
 
 
 def run_probe(probe, model, tokenizer, data_root, res, kw):
-    """The seeds' probes; each needs its files under --data-root (see the module docstring)."""
+    """The perceptual probes: TID2013 (Ponomarenko et al. 2015), cue-conflict shape/texture bias (Geirhos et al.
+    2019), CIFAR-100-C noise (Hendrycks & Dietterich 2019); each needs its files under --data-root (layout_table)."""
     tid, c = os.path.join(data_root, "tid2013"), os.path.join(data_root, "CIFAR-100-C")
     need = {"tid2013": [os.path.join(tid, f) for f in ("mos_with_names.txt", "reference_images", "distorted_images")],
             "cue_conflict": [os.path.join(data_root, "cue-conflict")],
@@ -815,18 +1025,27 @@ def family_means(zeroshot, metric, names=None):
     return out
 
 
-def _vs(o, b, keys):
+def ours_vs_base(ours, base, keys):
     """{key: {ours, base, delta}} for the keys both results have a number for."""
-    return {k: {"ours": o[k], "base": b[k], "delta": o[k] - b[k]} for k in keys
-            if o.get(k) is not None and b.get(k) is not None}
+    return {k: {"ours": ours[k], "base": base[k], "delta": ours[k] - base[k]} for k in keys
+            if ours.get(k) is not None and base.get(k) is not None}
+
+
+def nights_splits(res):
+    """{split: result} of a results dict's NIGHTS entry: {} when NIGHTS was not run or was skipped as a whole."""
+    nights = res.get("nights") or {}
+    return {} if "skipped" in nights else {s: r for s, r in nights.items() if isinstance(r, dict)}
+
+
+ZERO_SHOT_METRICS = ("top1", "top5", "mean_per_class_recall")
 
 
 def compare(ours, base):
     """Ours vs base on the datasets both evaluated: per-dataset Δ (pp), family means of ours / base / Δ (Figure 2),
     and the paper's win/tie/loss count on top-1, where a tie is a Δ that rounds to 0.0 at the paper's one decimal."""
-    zo, zb = ours["zeroshot"], base["zeroshot"]
-    both = [n for n in BENCHMARKS if "top1" in zo.get(n, {}) and "top1" in zb.get(n, {})]
-    datasets = {n: _vs(zo[n], zb[n], ("top1", "top5")) for n in both}
+    ours_zs, base_zs = ours["zeroshot"], base["zeroshot"]
+    both = [n for n in BENCHMARKS if "top1" in ours_zs.get(n, {}) and "top1" in base_zs.get(n, {})]
+    datasets = {n: ours_vs_base(ours_zs[n], base_zs[n], ZERO_SHOT_METRICS) for n in both}
     count = {"win": 0, "tie": 0, "loss": 0}
     for n in both:
         d = round(datasets[n]["top1"]["delta"], 1)
@@ -838,24 +1057,25 @@ def compare(ours, base):
             if rows:
                 families.setdefault(fam, {})[m] = {k: sum(r[k] for r in rows) / len(rows)
                                                    for k in ("ours", "base", "delta")}
-    retrieval = {n: _vs(ours["retrieval"][n], base["retrieval"][n], RETRIEVAL_METRICS)
+    retrieval = {n: ours_vs_base(ours["retrieval"][n], base["retrieval"][n], RETRIEVAL_METRICS)
                  for n in RETRIEVAL if n in ours["retrieval"] and n in base["retrieval"]}
     synthetic = None
-    so, sb = ours.get("synthetic"), base.get("synthetic")
-    if so and sb:
-        synthetic = {"zeroshot": {t: _vs(r, sb["zeroshot"].get(t, {}), ("top1", "top5"))
-                                  for t, r in so["zeroshot"].items()},
-                     "retrieval": _vs(so["retrieval"], sb["retrieval"], RETRIEVAL_METRICS)}
-    no, nb = ours.get("nights") or {}, base.get("nights") or {}
-    nights = {split: _vs(no[split], nb[split], ("2afc",))["2afc"] for split in no
-              if "2afc" in no[split] and "2afc" in nb.get(split, {})} or None
+    ours_syn, base_syn = ours.get("synthetic"), base.get("synthetic")
+    if ours_syn and base_syn:
+        synthetic = {"zeroshot": {t: ours_vs_base(r, base_syn["zeroshot"].get(t, {}), ("top1", "top5"))
+                                  for t, r in ours_syn["zeroshot"].items()},
+                     "retrieval": ours_vs_base(ours_syn["retrieval"], base_syn["retrieval"], RETRIEVAL_METRICS)}
+    ours_nights, base_nights = nights_splits(ours), nights_splits(base)
+    nights = {s: ours_vs_base(r, base_nights[s], ("2afc",))["2afc"] for s, r in ours_nights.items()
+              if "2afc" in r and "2afc" in base_nights.get(s, {})} or None
     summary = (f"better on {count['win']} of {len(both)} classification benchmarks (top-1; "
                f"{count['tie']} ties, {count['loss']} losses)")
     return {"datasets": datasets, "families": families, "top1_count": count, "retrieval": retrieval,
             "synthetic": synthetic, "nights": nights, "summary": summary}
 
 
-def _f(v, signed=False):
+def fmt(v, signed=False):
+    """A percentage as the paper prints it (one decimal, a sign on differences); — for a missing number."""
     return "—" if v is None else (f"{v:+.1f}" if signed else f"{v:.1f}")
 
 
@@ -878,12 +1098,13 @@ def table1(ours, base=None):
             n_test = o.get("n", ba.get("n"))
             cells = [b.title, b.task, "—" if n_test is None else str(n_test), str(o.get("n_classes", b.n_classes))]
             if base is None:
-                cells += ["skipped", ""] if "top1" not in o else [_f(o["top1"]), _f(o["top5"])]
+                cells += ["skipped", ""] if "top1" not in o else [fmt(o["top1"]), fmt(o["top5"])]
             else:
                 for m in ("top1", "top5"):
                     vo, vb = o.get(m), ba.get(m)
                     d = vo - vb if vo is not None and vb is not None else None
-                    cells += [_f(vo) if "top1" in o else "skipped", _f(vb) if "top1" in ba else "skipped", _f(d, True)]
+                    cells += [fmt(vo) if "top1" in o else "skipped", fmt(vb) if "top1" in ba else "skipped",
+                              fmt(d, True)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -898,7 +1119,7 @@ def table2(ours, base=None):
     lines = [head, "|---|" + "---:|" * (len(sub) * len(names))]
 
     def row(label, res):
-        cells = [(_f(res["retrieval"][n][k]) if k in res["retrieval"].get(n, {}) else "skipped")
+        cells = [(fmt(res["retrieval"][n][k]) if k in res["retrieval"].get(n, {}) else "skipped")
                  for n in names for k in RETRIEVAL_METRICS]
         return f"| {label} | " + " | ".join(cells) + " |"
     if base is not None:
@@ -908,7 +1129,7 @@ def table2(ours, base=None):
         deltas = []
         for n in names:
             o, b = ours["retrieval"].get(n, {}), base["retrieval"].get(n, {})
-            deltas += [_f(o[k] - b[k], True) if k in o and k in b else "—" for k in RETRIEVAL_METRICS]
+            deltas += [fmt(o[k] - b[k], True) if k in o and k in b else "—" for k in RETRIEVAL_METRICS]
         lines.append("| Δ | " + " | ".join(deltas) + " |")
     return "\n".join(lines)
 
@@ -920,7 +1141,8 @@ def synthetic_table(ours, base=None):
     lines = ["| Benchmark | n | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
 
     def row(label, n, vo, vb):
-        cells = [_f(vo)] + ([_f(vb), _f(vo - vb if vo is not None and vb is not None else None, True)] if sb else [])
+        delta = vo - vb if vo is not None and vb is not None else None
+        cells = [fmt(vo)] + ([fmt(vb), fmt(delta, True)] if sb else [])
         lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
     for task, r in so["zeroshot"].items():
         b = sb.get("zeroshot", {}).get(task, {})
@@ -934,6 +1156,65 @@ def synthetic_table(ours, base=None):
     return "\n".join(lines)
 
 
+def recall_table(ours, base=None):
+    """Mean per-class recall per dataset (clip_benchmark's third number), with Base and Δ when compared."""
+    names = [n for n in BENCHMARKS if ours["zeroshot"].get(n, {}).get("mean_per_class_recall") is not None]
+    if base is None:
+        return "\n".join(["| Dataset | Mean per-class recall |", "|---|---:|"] + [
+            f"| {BENCHMARKS[n].title} | {fmt(ours['zeroshot'][n]['mean_per_class_recall'])} |" for n in names])
+    lines = ["| Dataset | Ours | Base | Δ |", "|---|---:|---:|---:|"]
+    for n in names:
+        vo = ours["zeroshot"][n]["mean_per_class_recall"]
+        vb = base["zeroshot"].get(n, {}).get("mean_per_class_recall")
+        delta = None if vb is None else vo - vb
+        lines.append(f"| {BENCHMARKS[n].title} | {fmt(vo)} | {fmt(vb)} | {fmt(delta, True)} |")
+    return "\n".join(lines)
+
+
+def nights_section(ours, comparison):
+    nights = ours.get("nights")
+    if nights and "skipped" in nights:
+        return f"skipped: {nights['skipped']} ({nights['path']})"
+    if comparison and comparison.get("nights"):
+        return "| Split | n | Ours | Base | Δ |\n|---|---:|---:|---:|---:|\n" + "\n".join(
+            f"| {s} | {nights[s]['n']} | {fmt(v['ours'])} | {fmt(v['base'])} | {fmt(v['delta'], True)} |"
+            for s, v in comparison["nights"].items())
+    return "| Split | 2AFC | n |\n|---|---:|---:|\n" + "\n".join(
+        f"| {s} | {fmt(v.get('2afc'))} | {v.get('n', 'skipped: ' + v.get('skipped', ''))} |"
+        for s, v in nights.items())
+
+
+def benchmark_titles(res):
+    """(title, result) of every zero-shot, retrieval, NIGHTS split and probe entry of one model's results."""
+    rows = [(BENCHMARKS[n].title, r) for n, r in res["zeroshot"].items()]
+    rows += [(RETRIEVAL[n][0], r) for n, r in res["retrieval"].items()]
+    nights = res.get("nights") or {}
+    rows += ([("NIGHTS", nights)] if "skipped" in nights
+             else [(f"NIGHTS {s}", r) for s, r in nights_splits(res).items()])
+    rows += [(f"probe {p}", r) for p, r in (res.get("probes") or {}).items()]
+    return rows
+
+
+def skipped_lines(res):
+    lines = []
+    for title, r in benchmark_titles(res):
+        if "skipped" in r:
+            lines.append(f"- {title}: {r['skipped']} ({r['path']})")
+        elif r.get("n_unreadable"):
+            lines.append(f"- {title}: {r['n_unreadable']} unreadable images left out, e.g. {r['unreadable'][0]}")
+    return lines
+
+
+def skipped_section(ours, base=None):
+    """Every skipped benchmark of each model, with the reason and the path looked at, and the sets that lost single
+    unreadable images; under a heading per model when there are two."""
+    if base is None:
+        return "\n".join(skipped_lines(ours))
+    parts = [f"**{who}**\n\n" + "\n".join(lines) for who, lines in (("Ours", skipped_lines(ours)),
+                                                                    ("Base", skipped_lines(base))) if lines]
+    return "\n\n".join(parts)
+
+
 def report_markdown(ours, base=None, comparison=None):
     """report.md: Table 1, Figure 2's family means and the win count, Table 2, then whatever else was measured."""
     parts = []
@@ -941,34 +1222,25 @@ def report_markdown(ours, base=None, comparison=None):
         parts += ["## Zero-shot classification (Table 1)", table1(ours, base), "## Family means (Figure 2)"]
         if comparison is None:
             parts.append("| Family | Top-1 | Top-5 |\n|---|---:|---:|\n" + "\n".join(
-                f"| {fam} | {_f(v['top1'])} | {_f(v['top5'])} |" for fam, v in ours["families"].items()))
+                f"| {fam} | {fmt(v['top1'])} | {fmt(v['top5'])} |" for fam, v in ours["families"].items()))
         else:
             head = "| Family | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |\n|---|---:|---:|---:|---:|---:|---:|\n"
-            cells = lambda v: " | ".join(_f(v.get(m, {}).get(k), k == "delta")  # noqa: E731
+            cells = lambda v: " | ".join(fmt(v.get(m, {}).get(k), k == "delta")  # noqa: E731
                                          for m in ("top1", "top5") for k in ("ours", "base", "delta"))
             parts.append(head + "\n".join(f"| {fam} | {cells(v)} |" for fam, v in comparison["families"].items()))
             parts.append(f"Ours vs base: {comparison['summary']}.")
+        parts += ["## Mean per-class recall (clip_benchmark's `mean_per_class_recall`)", recall_table(ours, base)]
     if ours["retrieval"]:
         parts += ["## Retrieval (Table 2)", table2(ours, base)]
     if ours.get("synthetic"):
         parts += ["## Synthetic world (CPU demo)", synthetic_table(ours, base)]
-    nights = ours.get("nights")
-    if nights and "skipped" in nights:
-        parts += ["## NIGHTS 2AFC", f"skipped: {nights['skipped']} ({nights['path']})"]
-    elif nights and comparison and comparison.get("nights"):
-        parts += ["## NIGHTS 2AFC", "| Split | n | Ours | Base | Δ |\n|---|---:|---:|---:|---:|\n" + "\n".join(
-            f"| {s} | {nights[s]['n']} | {_f(v['ours'])} | {_f(v['base'])} | {_f(v['delta'], True)} |"
-            for s, v in comparison["nights"].items())]
-    elif nights:
-        parts += ["## NIGHTS 2AFC", "| Split | 2AFC | n |\n|---|---:|---:|\n" + "\n".join(
-            f"| {s} | {_f(v.get('2afc'))} | {v.get('n', 'skipped: ' + v.get('skipped', ''))} |"
-            for s, v in nights.items())]
+    if ours.get("nights"):
+        parts += ["## NIGHTS 2AFC", nights_section(ours, comparison)]
     if ours.get("probes"):
         parts += ["## Perceptual probes", "```json\n" + json.dumps(ours["probes"], indent=1) + "\n```"]
-    gone = [(BENCHMARKS[n].title, r) for n, r in ours["zeroshot"].items() if "skipped" in r]
-    gone += [(RETRIEVAL[n][0], r) for n, r in ours["retrieval"].items() if "skipped" in r]
+    gone = skipped_section(ours, base)
     if gone:
-        parts += ["## Skipped (files not found)", "\n".join(f"- {t}: {r['skipped']} ({r['path']})" for t, r in gone)]
+        parts += ["## Skipped (files not found, unreadable or failed)", gone]
     return "\n\n".join(parts) + "\n"
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1069,10 +1341,30 @@ def load_model(checkpoint, preset=None, config_json=None, device="cpu"):
 
 
 def fingerprint(path, *extra):
-    """Identifies a checkpoint file's contents cheaply (path, size, mtime) for the classifier cache."""
+    """Identifies a checkpoint file's contents cheaply (path, size, mtime) plus whatever else `extra` names (the
+    tokenizer, the whole model config: one checkpoint read as ViT-B-32 and as ViT-B-32-quickgelu gives two
+    different text towers, so two classifiers) for the classifier cache."""
     st = os.stat(path)
-    key = json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, *extra])
+    key = json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, *extra], sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+class ResultsFile:
+    """results.json ({"ours", "base", "comparison"}), rewritten whole after every benchmark through a temporary file
+    and a rename, so a killed evaluation leaves the numbers it had measured and never a half-written file."""
+
+    def __init__(self, path):
+        self.path, self.content = path, {"ours": None, "base": None, "comparison": None}
+
+    def update(self, **parts):
+        self.content.update(parts)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.content, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def progress(self, key, header, res):  # evaluate()'s on_result for model `key` ("ours" or "base")
+        self.update(**{key: {**header, **res}})
 
 
 def main(argv=None):
@@ -1115,30 +1407,32 @@ def main(argv=None):
     tokenizer = data.Tokenizer(args.merges)
     cache_dir = None if args.no_cache else os.path.join(args.out, "cache")
 
-    def run(checkpoint, what):
+    def run(checkpoint, what, results=None, key=None):
         print(f"== {what}: {checkpoint}")
         model = load_model(checkpoint, args.model, args.config_json, args.device)
-        tag = fingerprint(checkpoint, os.path.abspath(args.merges) if args.merges else None, model.config.image_size)
-        res = evaluate(model, tokenizer, args.data_root, datasets, retrieval, args.nights, probes, args.synthetic,
-                       args.batch_size, args.workers, cache_dir, tag, args.download)
-        return {"checkpoint": os.path.abspath(checkpoint), "config": asdict(model.config), **res}
+        tag = fingerprint(checkpoint, os.path.abspath(args.merges) if args.merges else None, asdict(model.config))
+        header = {"checkpoint": os.path.abspath(checkpoint), "config": asdict(model.config)}
+        res = evaluate(model, tokenizer, args.data_root, datasets=datasets, retrieval=retrieval, nights=args.nights,
+                       probes=probes, synthetic=args.synthetic, batch_size=args.batch_size, workers=args.workers,
+                       cache_dir=cache_dir, cache_tag=tag, download=args.download,
+                       on_result=functools.partial(results.progress, key, header) if results else None)
+        return {**header, **res}
 
     if args.checkpoint:
-        ours = run(args.checkpoint, "ours")
+        results = ResultsFile(os.path.join(args.out, "results.json"))
+        ours = run(args.checkpoint, "ours", results, "ours")
         base = comparison = None
         if args.compare:
             if args.compare.endswith(".json"):
-                with open(args.compare) as f:
+                with open(args.compare, encoding="utf-8") as f:
                     base = json.load(f)
                 base = base.get("ours", base)
             else:
-                base = run(args.compare, "base")
+                base = run(args.compare, "base", results, "base")
             comparison = compare(ours, base)
-        out = {"ours": ours, "base": base, "comparison": comparison}
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(out, f, indent=1)
+        results.update(ours=ours, base=base, comparison=comparison)
         md = report_markdown(ours, base, comparison)
-        with open(os.path.join(args.out, "report.md"), "w") as f:
+        with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
             f.write(md)
         print(md)
         if comparison and ours["zeroshot"]:

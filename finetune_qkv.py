@@ -4,10 +4,12 @@ of every attention block of the vision tower (`visual.transformer.resblocks.*.at
 else -- the rest of the ViT, the text tower, the logit scale -- stays frozen), and train 8 epochs of the perceptual
 hinge loss (eq. 2) on NIGHTS with AdamW.
 
---lora R instead follows Sundaram et al. (appendix C.1): the QKV weights stay frozen and a rank-R update
-W + (alpha/R)·B·A is trained (R=16, alpha=0.5, lr 3e-4, batch 16, 8 epochs, the epoch with the lowest validation loss
-is kept). Every checkpoint this script writes has LoRA merged back into plain `in_proj_weight`s, so it loads into CLIP
-like any other.
+--lora R instead follows Sundaram et al.'s recipe as DreamSim's own training code runs it (github.com/ssundaram21/
+dreamsim: training/train.py with configs/train_single_model_lora.yaml): the QKV weights stay frozen and a rank-R
+update W + (alpha/R)·B·A·dropout(x) is trained (R 16, alpha 32, LoRA dropout 0.2, PEFT's LoRA), with Adam
+betas (0.5, 0.999), lr 3e-4, no weight decay, batch 32, 8 epochs, margin 0.05 and no augmentation (DreamSim's
+loader only resizes); the epoch with the lowest validation loss is kept. Every value has a flag. Every checkpoint
+this script writes has LoRA merged back into plain `in_proj_weight`s, so it loads into CLIP like any other.
 
     python finetune_qkv.py --checkpoint runs/baseline/clip.pt --data /path/to/nights --out runs/ft_qkv
     python finetune_qkv.py --checkpoint runs/baseline/clip.pt --data ... --out runs/ft_lora --lora 16
@@ -22,9 +24,10 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from model import CLIP, CLIPConfig, cleanup_distributed, load_state_dict_checked, setup_distributed
+from model import Attention, CLIP, CLIPConfig, cleanup_distributed, load_state_dict_checked, setup_distributed
 from train_nights import HelpFormatter, add_run_args, train
 
 
@@ -36,24 +39,34 @@ def get_parser():
     p.add_argument("--model", choices=["vit-b-32", "tiny"], default="vit-b-32",
                    help="architecture when no config.json is found")
     add_run_args(p)
+    p.add_argument("--augment", action="store_true",
+                   help="with --lora: train with the §3.4 augmentations anyway (DreamSim trains without; without "
+                        "--lora they are on unless --no-augment)")
     p.add_argument("--lora", type=int, default=0, metavar="R",
                    help="0: train the QKV projections themselves; R > 0: train a rank-R LoRA update of them instead "
-                        "(Sundaram et al.: R = 16)")
-    p.add_argument("--lora-alpha", type=float, default=0.5, help="LoRA scale alpha (Sundaram et al.: 0.5)")
-    # the optimisation recipe: 8 epochs, the margin and AdamW are the PI paper's (§3.3); the rest is Sundaram et al.'s
-    p.add_argument("--epochs", type=int, default=8, help="PI paper §3.3 and Sundaram et al.: 8 epochs")
-    p.add_argument("--margin", type=float, default=0.05, help="hinge margin m (PI paper §3.1, Sundaram et al.)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="triplets per optimiser step over all GPUs (Sundaram et al.'s 16; the PI paper gives none)")
-    p.add_argument("--lr", type=float, default=3e-4,
-                   help="learning rate (Sundaram et al.'s 3e-4; the PI paper gives none)")
+                        "(DreamSim's code: R = 16)")
+    p.add_argument("--lora-alpha", type=float, default=32.0,
+                   help="LoRA scale alpha, the update is alpha/R·B·A (DreamSim's config: 32)")
+    p.add_argument("--lora-dropout", type=float, default=0.2,
+                   help="dropout on the LoRA branch's input, as PEFT (DreamSim's config: 0.2)")
+    # the optimisation recipe: 8 epochs, the margin and AdamW are the PI paper's (§3.3); with --lora, every default
+    # below is DreamSim's training code (LORA_RECIPE); the PI paper gives none of them
+    p.add_argument("--epochs", type=int, default=8, help="PI paper §3.3 and DreamSim's config: 8 epochs")
+    p.add_argument("--margin", type=float, default=0.05, help="hinge margin m (PI paper §3.1, DreamSim's config)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="triplets per optimiser step over all GPUs (default 16; with --lora DreamSim's 32)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (Sundaram et al. and DreamSim's config)")
     p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="AdamW weight decay (ours: 0, as Sundaram et al. use Adam; the PI paper gives none)")
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up length (ours: none)")
+                   help="weight decay (0: DreamSim's config; Adam and AdamW agree at 0)")
+    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="Adam betas (default 0.9 0.98 as stage 2; with --lora DreamSim's 0.5 0.999)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="Adam epsilon (default 1e-6 as stage 2; with --lora torch's default 1e-8, as DreamSim)")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up length (ours: none, as DreamSim)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="constant",
-                   help="learning-rate schedule (ours: constant; neither paper states one)")
+                   help="learning-rate schedule (constant, as DreamSim's code)")
     p.add_argument("--best-by", choices=["val_2afc", "val_loss"], default="val_loss",
-                   help="what makes an epoch the best one (Sundaram et al.: lowest validation loss)")
+                   help="what makes an epoch the best one (DreamSim checkpoints on the lowest validation loss)")
     p.add_argument("--final", choices=["last", "best"], default=None,
                    help="which epoch becomes finetuned.pt (default: best with --lora, as Sundaram et al.; the last of "
                         "the 8 epochs without, as the PI paper §3.3 describes)")
@@ -67,25 +80,46 @@ def is_qkv(name):
 
 class LoRA(nn.Module):
     """A parametrization W -> W + (alpha / r) · B · A (Hu et al. 2021; PEFT's initialisation: A Kaiming-uniform,
-    B zero, so training starts exactly at W)."""
+    B zero, so training starts exactly at W). `dropout` acts on the input of the low-rank branch (LoRAAttention)."""
 
-    def __init__(self, out_features, in_features, r, alpha):
+    def __init__(self, out_features, in_features, r, alpha, dropout=0.0):
         super().__init__()
         self.scale = alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r))
+        self.dropout = nn.Dropout(dropout)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, weight):
         return weight + self.scale * (self.lora_B @ self.lora_A).to(weight.dtype)
 
 
-def add_lora(model, r, alpha):
+class LoRAAttention(Attention):
+    """model.Attention with PEFT's LoRA dropout on its QKV projection: while training, qkv = W x + b + s·B·A·drop(x),
+    which no single weight can express, so the projection is computed here and the rest of the block is
+    model.Attention.forward's. In eval mode (or without dropout) it is exactly Attention with the merged weight."""
+
+    def forward(self, x, causal=False):
+        lora = self.parametrizations.in_proj_weight[0]
+        if not (self.training and lora.dropout.p > 0):
+            return super().forward(x, causal)
+        B, L, W = x.shape
+        weight = self.parametrizations.in_proj_weight.original
+        qkv = F.linear(x, weight, self.in_proj_bias) + lora.scale * F.linear(F.linear(lora.dropout(x), lora.lora_A),
+                                                                             lora.lora_B)
+        q, k, v = (t.view(B, L, self.heads, W // self.heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(B, L, W))
+
+
+def add_lora(model, r, alpha, dropout=0.0):
     """Attach LoRA to every vision attention block's in_proj_weight; the original weight becomes
     `...attn.parametrizations.in_proj_weight.original` (frozen by the caller)."""
     for block in model.visual.transformer.resblocks:
         out_features, in_features = block.attn.in_proj_weight.shape
-        parametrize.register_parametrization(block.attn, "in_proj_weight", LoRA(out_features, in_features, r, alpha))
+        block.attn.__class__ = LoRAAttention  # before parametrizing, which subclasses the module's class
+        parametrize.register_parametrization(block.attn, "in_proj_weight",
+                                             LoRA(out_features, in_features, r, alpha, dropout))
 
 
 def merged_state_dict(model):
@@ -102,6 +136,25 @@ def merged_state_dict(model):
     return out
 
 
+# Sundaram et al.'s LoRA recipe as DreamSim's code runs it: training/train.py (torch.optim.Adam with betas
+# (0.5, 0.999), the dataset's resize-only preprocessing) with configs/train_single_model_lora.yaml (lr 3e-4, weight
+# decay 0, batch 32, 8 epochs, margin 0.05, LoRA r 16, alpha 32, dropout 0.2). Without --lora: our defaults.
+LORA_RECIPE = {"batch_size": 32, "betas": [0.5, 0.999], "eps": 1e-8}
+QKV_RECIPE = {"batch_size": 16, "betas": [0.9, 0.98], "eps": 1e-6}
+
+
+def resolve_recipe(args):
+    """Fill the flags left unset with the recipe of the mode (LoRA or plain QKV); with --lora, no augmentation
+    unless --augment."""
+    for key, value in (LORA_RECIPE if args.lora else QKV_RECIPE).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.lora and not args.augment:
+        args.no_augment = True
+    args.final = args.final or ("best" if args.lora else "last")
+    return args
+
+
 def load_config(args):
     path = args.config or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "config.json")
     if os.path.isfile(path):
@@ -113,21 +166,21 @@ def load_config(args):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    args.final = args.final or ("best" if args.lora else "last")
+    args = resolve_recipe(get_parser().parse_args(argv))
     d = setup_distributed()
     try:
         torch.manual_seed(args.seed)  # the LoRA initialisation, identical on every rank
         model = CLIP(load_config(args))
         load_state_dict_checked(model, args.checkpoint)  # a wrong architecture stops here, naming the keys
         if args.lora:
-            add_lora(model, args.lora, args.lora_alpha)
+            add_lora(model, args.lora, args.lora_alpha, args.lora_dropout)
         for name, p in model.named_parameters():
             # §3.3: only Q, K, V of every vision attention block are unfrozen (with LoRA: only the LoRA factors)
             p.requires_grad_(".lora_" in name if args.lora else is_qkv(name))
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        return train(args, model, d, out_name="finetuned.pt", export=merged_state_dict)
+        return train(args, model, d, out_name="finetuned.pt", export=merged_state_dict,
+                     optimizer_options={"betas": tuple(args.betas), "eps": args.eps})
     finally:
         cleanup_distributed()
 

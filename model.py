@@ -345,6 +345,13 @@ def cosine_distance(a, b):
     return 1 - F.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
+def hinge_terms(d0, d1, label, margin=0.05):
+    """Per-triplet terms max(0, m - Δd * ȳ) of eq. 2 from the distances d0 = d(x, x~0), d1 = d(x, x~1)."""
+    delta_d = d0 - d1
+    y_bar = 2 * label.float() - 1
+    return torch.clamp(margin - delta_d * y_bar, min=0)
+
+
 def perceptual_hinge_loss(ref, left, right, label, margin=0.05):
     """PI paper eq. 2 (from Sundaram et al.): mean(max(0, m - Δd * ȳ)).
 
@@ -352,18 +359,38 @@ def perceptual_hinge_loss(ref, left, right, label, margin=0.05):
     more similar, 0 when the LEFT x~0 was (NIGHTS' `right_vote` rounded). Δd = d(x, x~0) - d(x, x~1) and ȳ = 2y - 1,
     so the loss pushes the preferred variation closer than the other by at least the margin.
     """
-    delta_d = cosine_distance(ref, left) - cosine_distance(ref, right)
-    y_bar = 2 * label.float() - 1
-    return torch.clamp(margin - delta_d * y_bar, min=0).mean()
+    return hinge_terms(cosine_distance(ref, left), cosine_distance(ref, right), label, margin).mean()
+
+
+def two_afc_scores(d0, d1, label):
+    """Per triplet: 1 when the model picks the image humans picked, 0 when not, 0.5 on a tie. The model picks x~1
+    when d(x, x~1) < d(x, x~0). With a soft label p = right_vote this is DreamSim's score (d1<d0)p + (d0<d1)(1-p)."""
+    p = label.float()
+    return (d1 < d0).float() * p + (d0 < d1).float() * (1 - p) + 0.5 * (d0 == d1).float()
 
 
 def two_afc_accuracy(ref, left, right, label):
-    """Fraction of triplets where the model picks the image humans picked (2AFC). The model picks x~1 when
-    d(x, x~1) < d(x, x~0). With a soft label p = right_vote this is DreamSim's score (d1<d0)p + (d0<d1)(1-p);
-    ties count half."""
-    d0, d1 = cosine_distance(ref, left), cosine_distance(ref, right)
-    p = label.float()
-    return ((d1 < d0).float() * p + (d0 < d1).float() * (1 - p) + 0.5 * (d0 == d1).float()).mean()
+    """Fraction of triplets where the model picks the image humans picked (2AFC; ties count half)."""
+    return two_afc_scores(cosine_distance(ref, left), cosine_distance(ref, right), label).mean()
+
+
+@torch.no_grad()
+def triplet_distances(model, batches, device, precision=None):
+    """d(x, x~0) and d(x, x~1) (eq. 1) and the label of every NIGHTS triplet in `batches` of (ref, left, right,
+    label) as data.NightsTriplets yields them: float32 [N] tensors on `device`. One forward pass of 3B images per
+    batch. The one encoding of triplets that stage 1's validation (train_nights.evaluate) and the reported 2AFC
+    (evaluate.nights_eval) share; the caller puts the model in eval mode."""
+    d0, d1, labels = [], [], []
+    for ref, left, right, label in batches:
+        with autocast(device, precision):
+            f = model.encode_image(torch.cat([ref, left, right]).to(device, non_blocking=True))
+        f_ref, f_left, f_right = f.float().chunk(3)
+        d0.append(cosine_distance(f_ref, f_left))
+        d1.append(cosine_distance(f_ref, f_right))
+        labels.append(torch.as_tensor(label).to(device).float())
+    if not labels:  # e.g. a DDP rank whose shard of a small split is empty
+        return (torch.zeros(0, device=device),) * 3
+    return torch.cat(d0), torch.cat(d1), torch.cat(labels)
 
 # -----------------------------------------------------------------------------------------------------------------
 # 4. Checkpoints: plain state dicts, written atomically, loaded strictly with errors that name the keys

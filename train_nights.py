@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from data import NightsTriplets
 from model import (CLIP, CLIPConfig, JsonlLogger, adamw, autocast, check_finite, cleanup_distributed, cosine_lr,
-                   perceptual_hinge_loss, resume_training_state, save_checkpoint, setup_distributed,
-                   training_state, two_afc_accuracy)
+                   hinge_terms, perceptual_hinge_loss, resume_training_state, save_checkpoint, setup_distributed,
+                   training_state, triplet_distances, two_afc_scores)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -99,29 +99,25 @@ def learning_rate(args, step, total_steps, warmup_steps):
 
 @torch.no_grad()
 def evaluate(model, loader, device, precision, margin=0.05):
-    """Hinge loss and 2AFC accuracy (ties count half) over the loader; under DDP every rank holds a shard and the
-    sums are all-reduced, so each rank returns the numbers for the whole split."""
+    """Hinge loss and 2AFC accuracy (ties count half) over the loader, from model.triplet_distances (the encoding
+    evaluate.py's NIGHTS 2AFC uses too); under DDP every rank holds a shard and the sums are all-reduced, so each
+    rank returns the numbers for the whole split."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct choices, triplets
-    for ref, left, right, label in loader:
-        images, label = torch.cat([ref, left, right]).to(device, non_blocking=True), label.to(device)
-        with autocast(device, precision):
-            f_ref, f_left, f_right = model.encode_image(images).float().chunk(3)
-        n = label.shape[0]
-        totals += torch.stack([perceptual_hinge_loss(f_ref, f_left, f_right, label, margin) * n,
-                               two_afc_accuracy(f_ref, f_left, f_right, label) * n,
-                               torch.tensor(float(n), device=device)]).double()
+    d0, d1, label = triplet_distances(model, loader, device, precision)
+    totals = torch.stack([hinge_terms(d0, d1, label, margin).sum(), two_afc_scores(d0, d1, label).sum(),
+                          torch.tensor(float(len(label)), device=device)]).double()  # loss sum, correct, triplets
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss_sum, correct, n = totals.tolist()
     return {"val_loss": loss_sum / n, "val_2afc": correct / n, "val_n": int(n)}
 
 
-def train(args, model, d, out_name="nights.pt", export=None):
+def train(args, model, d, out_name="nights.pt", export=None, optimizer_options=None):
     """Train the parameters of `model` that require grad (all inside model.visual) with the hinge loss on NIGHTS.
 
     export(model) -> the plain CLIP state dict written to last.pt / best.pt / out_name (default model.state_dict();
-    finetune_qkv.py passes one that merges LoRA). Returns a dict of results (init/last/best validation metrics), or
+    finetune_qkv.py passes one that merges LoRA). optimizer_options: betas / eps for model.adamw (finetune_qkv.py's
+    --lora recipe). Returns a dict of results (init/last/best validation metrics), or
     None when --stop-after-steps stopped the run.
     """
     export = export or (lambda m: m.state_dict())
@@ -146,7 +142,7 @@ def train(args, model, d, out_name="nights.pt", export=None):
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
-    optimizer = adamw(model, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = adamw(model, lr=args.lr, weight_decay=args.weight_decay, **(optimizer_options or {}))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if d.is_main:
         print(f"{len(train_set)} train / {len(val_set)} val triplets, {steps_per_epoch} steps per epoch, "

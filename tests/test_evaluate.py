@@ -619,3 +619,180 @@ def test_cli_scaling_curves(tmp_path):
     accs = [float(r["ImageNet OOD top1"]) for r in rows]
     want = ev.fit_power_law([1000, 2000, 4000], accs)
     assert (fits["ImageNet OOD top1"] or {}).get("beta") == (want or {}).get("beta")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# a run that meets bad files: each failure is recorded for its set, results.json keeps what was measured
+
+
+def _broken_sets(root):
+    """Sets whose metadata is there but whose images are not, a 0-byte JPEG among good images, a bad Karpathy JSON."""
+    _imagenet_a(root)
+    open(os.path.join(root, "imagenet-a", WNIDS[0], "broken.jpg"), "wb").close()  # 0 bytes
+    scenes = {"scenes": [{"image_filename": "CLEVR_val_000000.png", "objects": [{"pixel_coords": [1, 2, 9.0]}]}]}
+    _touch(os.path.join(root, "clevr/CLEVR_v1.0/scenes/CLEVR_val_scenes.json"), json.dumps(scenes))
+    voc = os.path.join(root, "voc2007/VOCdevkit/VOC2007")
+    _touch(os.path.join(voc, "ImageSets/Main/test.txt"), "000001\n")
+    _touch(os.path.join(voc, "Annotations/000001.xml"), "<annotation><object><name>dog</name><bndbox><xmin>1</xmin>"
+           "<ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object></annotation>")
+    _touch(os.path.join(root, "kitti/training/label_2/000000.txt"), "Car 0 0 0 1 2 3 4 1 1 1 0 0 5.0 0\n")
+    _touch(os.path.join(root, "flickr30k/dataset_flickr30k.json"), json.dumps({"dataset": "flickr30k"}))
+
+
+def test_bad_files_are_recorded_per_set_and_the_run_goes_on(tmp_path):
+    merges, cfg, vocab = _tokenizer_files(tmp_path)
+    root = tmp_path / "data"
+    _broken_sets(str(root))
+    torch.save(tiny_model(seed=1, vocab_size=vocab).state_dict(), tmp_path / "ours.pt")
+    torch.save(tiny_model(seed=2, vocab_size=vocab).state_dict(), tmp_path / "base.pt")
+    out = tmp_path / "out"
+    ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config-json", cfg, "--merges", merges,
+             "--data-root", str(root),
+             "--datasets", "clevr_count_all,imagenet-a,voc2007,kitti_closest_vehicle_distance",
+             "--retrieval", "flickr30k", "--out", str(out), "--compare", str(tmp_path / "base.pt"),
+             "--workers", "0", "--device", "cpu"])
+    res = json.loads((out / "results.json").read_text())
+    for who in ("ours", "base"):
+        z = res[who]["zeroshot"]
+        za = z["imagenet-a"]  # the 0-byte JPEG is skipped and counted; the other 9 images are evaluated
+        assert za["n"] == 9 and za["n_unreadable"] == 1 and "broken.jpg" in za["unreadable"][0]
+        for name, folder, image in (("clevr_count_all", "clevr", "CLEVR_val_000000.png"),
+                                    ("voc2007", "voc2007", "000001.jpg"),
+                                    ("kitti_closest_vehicle_distance", "kitti", "000000.png")):
+            assert z[name]["path"] == str(root / folder)
+            assert "none of the 1 images could be read" in z[name]["skipped"] and image in z[name]["skipped"], name
+        fl = res[who]["retrieval"]["flickr30k"]
+        assert '"images"' in fl["skipped"] and fl["path"].endswith("dataset_flickr30k.json")
+    assert res["comparison"]["top1_count"]["win"] + res["comparison"]["top1_count"]["loss"] + \
+        res["comparison"]["top1_count"]["tie"] == 1
+    md = (out / "report.md").read_text()
+    skipped = md.split("## Skipped")[1]
+    ours_part, base_part = skipped.split("**Base**")
+    for part in (ours_part, base_part):  # both models' skips are listed
+        assert "- CLEVR-Count: none of the 1 images" in part and "- PASCAL VOC 07:" in part
+        assert "- KITTI-CVD:" in part and "- Flickr 1K Test:" in part and "- ImageNet-A: 1 unreadable" in part
+    assert not list(out.glob("*.tmp"))
+
+
+def test_results_json_keeps_what_a_killed_run_measured(tmp_path, monkeypatch):
+    merges, cfg, vocab = _tokenizer_files(tmp_path)
+    root = tmp_path / "data"
+    _imagenet_a(root)
+    _flickr(root)
+    torch.save(tiny_model(seed=1, vocab_size=vocab).state_dict(), tmp_path / "ours.pt")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C or a scheduler's SIGINT does mid-run: not recorded, the run ends
+
+    monkeypatch.setattr(ev, "retrieval_eval", killed)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config-json", cfg, "--merges", merges,
+                 "--data-root", str(root), "--datasets", "imagenet-a,cifar10", "--retrieval", "flickr30k",
+                 "--out", str(out), "--workers", "0", "--device", "cpu"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["ours"]["zeroshot"]["imagenet-a"]["n"] == 9 and res["ours"]["zeroshot"]["cifar10"]["skipped"]
+    assert res["ours"]["families"]["ImageNet OOD"]["top1"] == res["ours"]["zeroshot"]["imagenet-a"]["top1"]
+    assert res["ours"]["checkpoint"] == str(tmp_path / "ours.pt") and "flickr30k" not in res["ours"]["retrieval"]
+
+
+def test_compare_with_nights_skipped_in_both_runs():
+    ours, base = _paper_results("ours"), _paper_results("base")
+    for res in (ours, base):
+        res["nights"] = ev.skipped("missing", "/data/nights-2afc")  # a path containing "2afc"
+    c = ev.compare(ours, base)
+    assert c["nights"] is None and c["top1_count"] == {"win": 23, "tie": 1, "loss": 5}
+    md = ev.report_markdown(ours, base, c)
+    assert "## NIGHTS 2AFC\n\nskipped: missing (/data/nights-2afc)" in md
+    assert "- NIGHTS: missing (/data/nights-2afc)" in md.split("**Base**")[1]
+
+
+def test_classifier_cache_key_covers_the_model_config(tmp_path):
+    merges, cfg, vocab = _tokenizer_files(tmp_path)
+    quick = tmp_path / "quick.json"
+    quick.write_text(json.dumps({"model": "tiny", "vocab_size": vocab, "quick_gelu": True}))
+    root = tmp_path / "data"
+    _imagenet_a(root, per_class=1)
+    torch.save(tiny_model(seed=1, vocab_size=vocab).state_dict(), tmp_path / "ours.pt")
+    out = tmp_path / "out"
+    tops = []
+    for config in (cfg, str(quick), cfg):  # one checkpoint read with GELU, with QuickGELU, with GELU again
+        ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config-json", config, "--merges", merges,
+                 "--data-root", str(root), "--datasets", "imagenet-a", "--retrieval", "", "--out", str(out),
+                 "--workers", "0", "--device", "cpu"])
+        tops.append(json.loads((out / "results.json").read_text())["ours"]["zeroshot"]["imagenet-a"])
+    assert len(list((out / "cache").glob("classifier-*.pt"))) == 2  # one per config; the third run reuses the first
+    assert tops[2] == tops[0]
+
+
+def test_imagenetv2_in_clip_benchmarks_layout(tmp_path):
+    for d in ("0", "10", "2"):
+        _touch(str(tmp_path / f"imagenetv2/ImageNetV2-matched-frequency/{d}/a.jpeg"))
+    ds, classes, _ = ev.build_dataset("imagenetv2", str(tmp_path / "imagenetv2"), lambda x: x)
+    assert [y for _, y in ds.items] == [0, 10, 2] and len(classes) == 1000
+    assert all("ImageNetV2-matched-frequency" in p for p, _ in ds.items)
+
+
+def test_kitti_bins_as_vtab():
+    # VTAB (task_adaptation/data/kitti.py, as clip_benchmark ships it): label = max{i : thresholds[i] < distance}
+    # with thresholds (-100, 8, 20, 999): a distance on a threshold stays in the lower bin
+    for distance, label in ((0.5, 0), (8.0, 0), (8.01, 1), (20.0, 1), (20.5, 2), (999.0, 2), (1000.0, 3)):
+        assert ev.kitti_label(distance) == label, distance
+
+
+def test_kitti_reader_puts_8_metres_in_class_0(tmp_path):
+    _touch(str(tmp_path / "kitti/training/label_2/000000.txt"), "Car 0 0 0 1 2 3 4 1 1 1 0 0 8.00 0\n")
+    ds, _, _ = ev.build_dataset("kitti_closest_vehicle_distance", str(tmp_path / "kitti"), lambda x: x)
+    assert [y for _, y in ds.items] == [0]
+    assert "TFDS's kitti `test` split (711 images" in " ".join(ev.read_kitti.__doc__.split())
+
+
+def test_resisc45_class_names_are_clip_benchmarks(tmp_path):
+    import clip_benchmark.datasets.builder as cb
+    names = ev.prompts()["resisc45"]["classes"]
+    # clip_benchmark's vtab/resisc45 passes no class list (so TFDS's ClassLabel names are used, underscores kept), and
+    # its en_classnames.json has no resisc45 entry that would replace them
+    source = open(cb.__file__).read()
+    start = source.index('elif dataset_name == "resisc45":')
+    branch = source[start:source.index("elif dataset_name", start + 1)]
+    assert "classes =" not in branch and "Resisc45Data" in branch
+    en = json.load(open(os.path.join(os.path.dirname(cb.__file__), "en_classnames.json")))
+    assert "resisc45" not in en
+    assert len(names) == 45 and names == sorted(names) and "baseball_diamond" in names and "sea_ice" in names
+    for d in ("sea_ice", "airplane", "baseball_diamond"):
+        for i in range(5):
+            _touch(str(tmp_path / f"resisc45/NWPU-RESISC45/{d}/{d}_{i:03d}.jpg"))
+    ds, classes, _ = ev.build_dataset("resisc45", str(tmp_path / "resisc45"), lambda x: x)
+    assert classes == names and len(ds.items) == 3  # 20% of 15
+    assert all(classes[y] == os.path.basename(os.path.dirname(p)) for p, y in ds.items)
+
+
+def test_zero_shot_metrics_match_clip_benchmark(tmp_path):
+    pytest.importorskip("sklearn")  # clip_benchmark's metric module imports it (requirements-dev.txt)
+    from clip_benchmark.metrics import zeroshot_classification as cbz
+    model, tok = tiny_model(seed=4), CharTokenizer()
+    wnids = ev.prompts()["_imagenet1k_wnids"][:6]
+    for j, w in enumerate(wnids):  # unequal class sizes, so mean per-class recall differs from top-1
+        _write_images(str(tmp_path / "imagenet-a" / w), 2 + 2 * j, seed=20 + j)
+    ds, classes, _ = ev.build_dataset("imagenet-a", str(tmp_path / "imagenet-a"),
+                                      data.eval_transform(model.config.image_size))
+    templates = ev.prompts()["imagenet-a"]["templates"][:4]
+    ours = ev.zero_shot_on(model, tok, ds, classes, templates, batch_size=7, workers=0)
+    # clip_benchmark's own classifier and logits; its evaluate() then takes top-k and sklearn's balanced accuracy
+    # (its accuracy() helper fails on numpy 2, so those two lines are redone here on its logits)
+    from sklearn.metrics import balanced_accuracy_score
+    clf = cbz.zero_shot_classifier(model, tok, classes, templates, "cpu", amp=False)
+    logits, target = cbz.run_classification(model, clf, torch.utils.data.DataLoader(ds, batch_size=7), "cpu", amp=False)
+    top = logits.topk(5, dim=1).indices
+    assert ours["top1"] == pytest.approx(100 * (top[:, 0] == target).float().mean().item(), abs=1e-4)
+    assert ours["top5"] == pytest.approx(100 * (top == target[:, None]).any(1).float().mean().item(), abs=1e-4)
+    mpcr = balanced_accuracy_score(target.numpy(), logits.argmax(1).numpy())
+    assert ours["mean_per_class_recall"] == pytest.approx(100 * mpcr, abs=1e-4)
+    assert ours["mean_per_class_recall"] != pytest.approx(ours["top1"])
+
+
+def test_layout_tables_in_docstring_and_readme_are_the_benchmark_table():
+    assert set(ev.BENCHMARKS) <= {line.split()[0] for line in ev.layout_table().splitlines()}
+    assert ev.layout_table() in ev.__doc__
+    readme = open(os.path.join(os.path.dirname(ev.__file__), "README.md"), encoding="utf-8").read()
+    assert ev.layout_table(markdown=True) in readme

@@ -268,3 +268,117 @@ def test_torchrun_two_processes_match_one(nights, tmp_path):
     lb = json.loads(open(os.path.join(two, "log.jsonl")).readlines()[-1])
     assert la["val_n"] == lb["val_n"] == COUNTS["val"]
     assert la["val_2afc"] == pytest.approx(lb["val_2afc"], abs=1 / COUNTS["val"] + 1e-9)
+
+
+# --- data.csv edge cases and the one triplet encoding ------------------------------------------------------------
+
+
+def _append_rows(root, rows):
+    import csv
+    with open(os.path.join(root, "data.csv"), newline="", encoding="utf-8") as f:
+        fields = csv.DictReader(f).fieldnames
+    with open(os.path.join(root, "data.csv"), "a", newline="", encoding="utf-8") as f:
+        csv.DictWriter(f, fieldnames=fields).writerows(rows)
+
+
+def test_empty_votes_cell_is_dropped_and_counted(nights, tmp_path):
+    root = str(tmp_path / "n")
+    shutil.copytree(nights, root)
+    # DreamSim's loader keeps data.csv[votes >= 6]: a NaN (empty) cell compares False, so the row is dropped
+    _append_rows(root, [{"id": 900 + i, "votes": "", "right_vote": "1.0", "left_vote": "0.0", "split": "train",
+                         "ref_path": "ref/none.png", "left_path": "distort/none_0.png",
+                         "right_path": "distort/none_1.png", "is_imagenet": "True"} for i in range(2)])
+    dropped = {}
+    assert len(read_nights_csv(root, "train", dropped=dropped)) == COUNTS["train"] and dropped == {"no_votes": 2}
+    with pytest.warns(UserWarning, match="2 row.*empty votes cell"):
+        ds = NightsTriplets(root, "train")
+    assert len(ds) == COUNTS["train"] and ds.dropped == {"no_votes": 2}
+    _append_rows(root, [{"id": 999, "votes": "six", "split": "train"}])
+    with pytest.raises(ValueError, match=r"data\.csv, line 1\d\d: votes is 'six'"):
+        read_nights_csv(root, "train")
+
+
+def test_data_csv_is_read_as_utf8_whatever_the_locale(nights, tmp_path):
+    root = str(tmp_path / "n")
+    shutil.copytree(nights, root)
+    _append_rows(root, [{"id": 950, "votes": "2", "split": "train", "prompt": "un café à Zürich ☕"}])
+    # C locale without UTF-8 coercion: open() without an encoding would decode as ASCII and fail on the prompt
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    code = f"import data; print(len(data.read_nights_csv({root!r}, 'train')))"
+    proc = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(COUNTS["train"])
+
+
+def test_stage1_validation_and_reported_2afc_are_one_computation(nights, monkeypatch):
+    import evaluate
+    import model as model_lib
+    torch.manual_seed(0)
+    net = CLIP(CLIPConfig.tiny()).eval()
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return model_lib.triplet_distances(*args, **kwargs)
+
+    monkeypatch.setattr(train_nights, "triplet_distances", counted)
+    monkeypatch.setattr(evaluate, "triplet_distances", counted)
+    val = NightsTriplets(nights, "val", image_size=net.config.image_size)
+    ours = train_nights.evaluate(net, torch.utils.data.DataLoader(val, batch_size=5), torch.device("cpu"), "fp32")
+    reported = evaluate.nights_eval(net, nights, batch_size=7, workers=0)
+    assert len(calls) == 4  # train_nights.evaluate once, nights_eval once per split
+    assert reported["val"]["n"] == ours["val_n"] == COUNTS["val"]
+    assert reported["val"]["2afc"] == pytest.approx(100 * ours["val_2afc"], abs=1e-4)  # float32 vs float64 mean
+    # and both equal the 2AFC of eq. 1's distances computed image by image
+    with torch.no_grad():
+        feats = [net.encode_image(torch.stack([val[i][k] for i in range(len(val))])) for k in range(3)]
+    labels = torch.stack([val[i][3] for i in range(len(val))])
+    from model import two_afc_accuracy
+    assert ours["val_2afc"] == pytest.approx(float(two_afc_accuracy(*feats, labels)), abs=1e-6)
+
+
+def test_lora_recipe_is_dreamsims_training_code(nights, stage1, tmp_path):
+    # DreamSim: training/train.py (Adam betas (0.5, 0.999), resize-only data) + configs/train_single_model_lora.yaml
+    args = finetune_qkv.resolve_recipe(finetune_qkv.get_parser().parse_args(
+        ["--checkpoint", "x.pt", "--data", nights, "--out", "o", "--lora", "16"]))
+    assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.margin) == (3e-4, 0.0, 32, 8, 0.05)
+    assert (args.lora, args.lora_alpha, args.lora_dropout) == (16, 32.0, 0.2)
+    assert tuple(args.betas) == (0.5, 0.999) and args.eps == 1e-8 and args.no_augment and args.final == "best"
+    plain = finetune_qkv.resolve_recipe(finetune_qkv.get_parser().parse_args(
+        ["--checkpoint", "x.pt", "--data", nights, "--out", "o", "--betas", "0.8", "0.9"]))
+    assert tuple(plain.betas) == (0.8, 0.9) and not plain.no_augment and plain.batch_size == 16  # flags override
+    # the optimiser a --lora run actually uses
+    base_path, out = os.path.join(stage1[0], "nights.pt"), str(tmp_path / "lora")
+    finetune_qkv.main(["--checkpoint", base_path, "--data", nights, "--out", out, "--epochs", "1", "--workers", "0",
+                       "--lora", "4", "--subset", "0.5"])
+    groups = load_checkpoint(os.path.join(out, "state.pt"))["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.5, 0.999) and g["eps"] == 1e-8 and g["lr"] == 3e-4 for g in groups)
+
+
+def test_lora_dropout_acts_on_the_branch_input_as_peft():
+    torch.manual_seed(0)
+    net = CLIP(CLIPConfig.tiny())
+    finetune_qkv.add_lora(net, r=4, alpha=8.0, dropout=0.5)
+    attn = net.visual.transformer.resblocks[0].attn
+    lora = attn.parametrizations.in_proj_weight[0]
+    torch.nn.init.normal_(lora.lora_B)  # B starts at zero; make the branch visible
+    W, b = attn.parametrizations.in_proj_weight.original, attn.in_proj_bias
+    x = torch.randn(2, 5, W.shape[1])
+    plain = torch.nn.MultiheadAttention(W.shape[1], attn.heads, batch_first=True)  # the reference attention
+    plain.out_proj.load_state_dict(attn.out_proj.state_dict())
+    with torch.no_grad():
+        attn.eval()  # eval: the merged weight W + s·B·A, no dropout
+        plain.in_proj_weight.copy_(W + 2.0 * lora.lora_B @ lora.lora_A)
+        plain.in_proj_bias.copy_(b)
+        torch.testing.assert_close(attn(x), plain(x, x, x, need_weights=False)[0], atol=1e-5, rtol=1e-5)
+        attn.train()  # training: W x + b + s·B·A·dropout(x), with PEFT's dropout mask drawn on x
+        torch.manual_seed(5)
+        out = attn(x)
+        torch.manual_seed(5)
+        dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+        qkv = x @ W.t() + b + 2.0 * dropped @ lora.lora_A.t() @ lora.lora_B.t()
+        q, k, v = (t.view(2, 5, attn.heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        heads = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        want = attn.out_proj(heads.transpose(1, 2).reshape(2, 5, -1))
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
