@@ -69,7 +69,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -79,8 +79,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
 
 import data
-from model import (CLIP, CLIPConfig, autocast, load_checkpoint, load_state_dict_checked, triplet_distances,
-                   two_afc_scores)
+from model import (CLIP, MODEL_PRESETS, add_renamed, autocast, config_for, config_from_dict, load_checkpoint,
+                   load_state_dict_checked, preset_config_name, triplet_distances, two_afc_scores)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -1307,34 +1307,12 @@ def write_scaling(rows, out_dir):
 # -----------------------------------------------------------------------------------------------------------------
 # 10. Command line
 
-PRESETS = {"ViT-B-32": CLIPConfig, "ViT-B-32-quickgelu": lambda: CLIPConfig(quick_gelu=True), "tiny": CLIPConfig.tiny}
-
-
-def config_from_dict(d):
-    """A CLIPConfig from a dict that may hold other things too (a run's config.json): its CLIPConfig fields, on
-    top of the preset named by a "model" entry if it names one."""
-    base = PRESETS[d["model"]]() if isinstance(d.get("model"), str) and d["model"] in PRESETS else CLIPConfig()
-    known = {f.name for f in fields(CLIPConfig)}
-    return CLIPConfig(**{**asdict(base), **{k: v for k, v in d.items() if k in known}})
-
-
-def load_model(checkpoint, preset=None, config_json=None, device="cpu"):
-    """CLIP with a checkpoint's weights. The architecture comes from, most explicit first: --config-json, --model,
-    a "config" entry saved in the checkpoint, config.json beside it, else ViT-B/32."""
+def load_model(checkpoint, preset=None, config=None, device="cpu"):
+    """CLIP with a checkpoint's weights, the architecture found by model.config_for (--config, --model, a "config"
+    entry saved in the checkpoint, config.json beside it, else ViT-B/32)."""
     sd = load_checkpoint(checkpoint)
-    beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
-    if config_json:
-        with open(config_json) as f:
-            cfg = config_from_dict(json.load(f))
-    elif preset:
-        cfg = PRESETS[preset]()
-    elif isinstance(sd.get("config"), dict):
-        cfg = config_from_dict(sd["config"])
-    elif os.path.exists(beside):
-        with open(beside) as f:
-            cfg = config_from_dict(json.load(f))
-    else:
-        cfg = CLIPConfig()
+    saved = sd.get("config") if isinstance(sd.get("config"), dict) and not (config or preset) else None
+    cfg = config_from_dict(saved, what=f"{checkpoint} [config]") if saved else config_for(checkpoint, preset, config)
     model = CLIP(cfg)
     load_state_dict_checked(model, sd, what=checkpoint)
     return model.to(device).eval()
@@ -1371,9 +1349,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="plain state dict (torch.save(model.state_dict())) of the model to evaluate")
-    p.add_argument("--model", choices=list(PRESETS),
-                   help="architecture preset (default: from the checkpoint, else ViT-B-32)")
-    p.add_argument("--config-json", help="CLIPConfig fields as JSON (e.g. a learned tokenizer's vocab_size)")
+    p.add_argument("--model", type=preset_config_name,
+                   help=f"architecture preset, one of {', '.join(MODEL_PRESETS)} (default: from the checkpoint)")
+    p.add_argument("--config", help="CLIPConfig fields as JSON (default: config.json beside the checkpoint)")
+    add_renamed(p, "--config-json", "--config", "config")
     p.add_argument("--merges", help="BPE merges file (bpe_simple_vocab_16e6.txt.gz format) the model was trained with")
     p.add_argument("--data-root", default="data",
                    help="one folder per dataset, see the layout in this file's docstring")
@@ -1409,7 +1388,7 @@ def main(argv=None):
 
     def run(checkpoint, what, results=None, key=None):
         print(f"== {what}: {checkpoint}")
-        model = load_model(checkpoint, args.model, args.config_json, args.device)
+        model = load_model(checkpoint, args.model, args.config, args.device)
         tag = fingerprint(checkpoint, os.path.abspath(args.merges) if args.merges else None, asdict(model.config))
         header = {"checkpoint": os.path.abspath(checkpoint), "config": asdict(model.config)}
         res = evaluate(model, tokenizer, args.data_root, datasets=datasets, retrieval=retrieval, nights=args.nights,

@@ -12,9 +12,12 @@ Read top to bottom:
 State-dict keys and shapes are those of OpenAI CLIP / open_clip `ViT-B-32` (302 keys, 151,277,313 parameters), so
 weights move between this file and theirs with `load_state_dict(strict=True)` in both directions.
 """
+import argparse
+import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -571,3 +574,126 @@ class JsonlLogger:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+
+# -----------------------------------------------------------------------------------------------------------------
+# 6. One command-line vocabulary for train_nights.py, train_clip.py, finetune_qkv.py (and evaluate.py's --model)
+#
+# The same meaning has the same flag in every script. add_run_args holds the flags about running (data, output,
+# resume, devices); add_recipe_args the optimisation recipe, whose VALUES differ per stage, so each script passes
+# its own defaults together with where each one comes from (the paper's section, or "ours"). Old spellings keep
+# working for a while and say what replaced them.
+
+MODEL_PRESETS = {
+    "ViT-B-32": CLIPConfig,  # the paper's architecture (§3.1) with exact GELU, as open_clip's `ViT-B-32`
+    "ViT-B-32-quickgelu": lambda **kw: CLIPConfig(**{"quick_gelu": True, **kw}),  # OpenAI's released weights
+    "tiny": CLIPConfig.tiny,  # tests and the CPU demo
+}
+
+
+def preset_config(name, **overrides):
+    """CLIPConfig of a preset by name (case-insensitive, so the old `vit-b-32` spelling still works)."""
+    key = {k.lower(): k for k in MODEL_PRESETS}.get(str(name).lower())
+    if key is None:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(MODEL_PRESETS)}")
+    return MODEL_PRESETS[key](**overrides)
+
+
+def config_from_dict(d, what="config"):
+    """A CLIPConfig from a dict: a run's config.json (every field), or a short one that names a preset and changes a
+    few fields, e.g. {"model": "tiny", "vocab_size": 1000}. Other keys are an error naming them: a config that
+    silently lost a field would build a different model from the one trained."""
+    d = dict(d)
+    base = dataclasses.asdict(preset_config(d.pop("model"))) if "model" in d else {}
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(CLIPConfig)})
+    if unknown:
+        raise ValueError(f"{what}: not CLIPConfig fields: {', '.join(unknown)}")
+    return CLIPConfig(**{**base, **d})
+
+
+def config_for(checkpoint=None, preset=None, config=None):
+    """The architecture to rebuild for a checkpoint, most explicit first: a config JSON file (`--config`), a preset
+    name (`--model`), the "config" entry a training state carries, the config.json our scripts write beside every
+    checkpoint, else ViT-B/32."""
+    if config:
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"--config {config} not found")
+        with open(config) as f:
+            return config_from_dict(json.load(f), what=config)
+    if preset:
+        return preset_config(preset)
+    if checkpoint:
+        beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+        if os.path.isfile(beside):
+            with open(beside) as f:
+                return config_from_dict(json.load(f), what=beside)
+    return CLIPConfig()
+
+
+class _Renamed(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's destination and says which flag replaced it."""
+
+    def __init__(self, option_strings, dest, new_flag, **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(p, old, new, dest, type=str):
+    p.add_argument(old, dest=dest, type=type, action=_Renamed, new_flag=new, help=argparse.SUPPRESS)
+
+
+def add_run_args(p, data_help, workers=8):
+    """Flags about running, the same in every training script."""
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", type=preset_config_name, default="ViT-B-32",
+                   help=f"architecture preset: {', '.join(MODEL_PRESETS)}")
+    p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation draws")
+    p.add_argument("--workers", type=int, default=workers, help="DataLoader workers per process")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="bf16 autocast (default on GPU; fp32 master weights either way) or fp32 (default on CPU)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--no-augment", action="store_true", help="train without the §3.4 augmentations")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+    p.add_argument("--save-every-steps", type=int, default=0,
+                   help="also write state.pt every N optimiser steps (it is always written after each epoch)")
+    p.add_argument("--stop-after-steps", type=int, default=0,
+                   help="write state.pt and stop after this many optimiser steps in total (the schedule still spans "
+                        "--epochs); --resume continues exactly where it stopped. For time-limited jobs and tests")
+    p.add_argument("--dist-timeout", type=float, default=60.0,
+                   help="minutes a rank waits in a collective before the job fails (NCCL's own default is 10, too "
+                        "short for the epoch-end work rank 0 does while the others wait)")
+    add_renamed(p, "--save-every", "--save-every-steps", "save_every_steps", type=int)
+    return p
+
+
+def preset_config_name(name):
+    """argparse type for --model: the preset's canonical name (accepts any case)."""
+    key = {k.lower(): k for k in MODEL_PRESETS}.get(name.lower())
+    if key is None:
+        raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose from {', '.join(MODEL_PRESETS)}")
+    return key
+
+
+def add_recipe_args(p, **recipe):
+    """The optimisation recipe. Each keyword is (default, source): the value and where it comes from, shown in
+    --help. Warm-up is given in epochs or in steps (--warmup-epochs / --warmup-steps), whichever the recipe names."""
+    def flag(name, type, what):
+        if name in recipe:
+            default, source = recipe[name]
+            p.add_argument("--" + name.replace("_", "-"), type=type, default=default, help=f"{what} ({source})")
+
+    flag("epochs", int, "passes over the training data")
+    flag("batch_size", int, "GLOBAL batch: examples per optimiser step summed over all processes")
+    flag("lr", float, "peak learning rate")
+    flag("weight_decay", float, "AdamW weight decay on matrices and embeddings")
+    flag("warmup_epochs", float, "linear warm-up length in epochs")
+    flag("warmup_steps", int, "linear warm-up length in optimiser steps")
+    flag("beta1", float, "Adam beta1")
+    flag("beta2", float, "Adam beta2")
+    flag("eps", float, "Adam epsilon")
+    add_renamed(p, "--wd", "--weight-decay", "weight_decay", type=float)
+    return p

@@ -535,7 +535,7 @@ def test_cli_end_to_end_with_compare_and_skips(tmp_path):
     torch.save(tiny_model(seed=1, vocab_size=vocab).state_dict(), tmp_path / "ours.pt")
     torch.save(tiny_model(seed=2, vocab_size=vocab).state_dict(), tmp_path / "base.pt")
     out = tmp_path / "out"
-    ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config-json", cfg, "--merges", merges,
+    ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config", cfg, "--merges", merges,
              "--data-root", str(root), "--datasets", "imagenet-a,cifar10,imagenet-o", "--retrieval", "flickr30k,coco",
              "--nights", str(tmp_path / "nights"), "--out", str(out), "--compare", str(tmp_path / "base.pt"),
              "--workers", "0", "--device", "cpu", "--batch-size", "4"])
@@ -569,7 +569,7 @@ def test_cli_end_to_end_with_compare_and_skips(tmp_path):
     assert "Flickr 1K Test I→T R@1" in md and "| Δ |" in md and comp["summary"] in md
     # the base model's own results.json (its run's "ours") is accepted in place of its checkpoint
     (tmp_path / "base_results.json").write_text(json.dumps({"ours": base}))
-    ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config-json", cfg, "--merges", merges,
+    ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config", cfg, "--merges", merges,
              "--data-root", str(root), "--datasets", "imagenet-a", "--retrieval", "", "--out", str(tmp_path / "o2"),
              "--compare", str(tmp_path / "base_results.json"), "--workers", "0", "--device", "cpu"])
     res2 = json.loads((tmp_path / "o2" / "results.json").read_text())
@@ -583,7 +583,7 @@ def test_cli_synthetic_world_with_compare(tmp_path):
     torch.save(tiny_model(seed=1, vocab_size=vocab).state_dict(), tmp_path / "ours.pt")
     torch.save(tiny_model(seed=2, vocab_size=vocab).state_dict(), tmp_path / "base.pt")
     out = tmp_path / "out"
-    ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--compare", str(tmp_path / "base.pt"), "--config-json", cfg,
+    ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--compare", str(tmp_path / "base.pt"), "--config", cfg,
              "--merges", merges, "--datasets", "", "--retrieval", "", "--synthetic", world.root, "--out", str(out),
              "--workers", "0", "--device", "cpu"])
     res = json.loads((out / "results.json").read_text())
@@ -609,7 +609,7 @@ def test_cli_scaling_curves(tmp_path):
     for epoch in (1, 2, 4):
         torch.save(tiny_model(seed=epoch, vocab_size=vocab).state_dict(), run / f"epoch_{epoch}.pt")
     out = tmp_path / "out"
-    ev.main(["--scaling", str(run), "--samples-per-epoch", "1000", "--config-json", cfg, "--merges", merges,
+    ev.main(["--scaling", str(run), "--samples-per-epoch", "1000", "--config", cfg, "--merges", merges,
              "--data-root", str(root), "--datasets", "imagenet-a", "--retrieval", "", "--out", str(out),
              "--workers", "0", "--device", "cpu", "--no-cache"])
     import csv
@@ -646,7 +646,7 @@ def test_bad_files_are_recorded_per_set_and_the_run_goes_on(tmp_path):
     torch.save(tiny_model(seed=1, vocab_size=vocab).state_dict(), tmp_path / "ours.pt")
     torch.save(tiny_model(seed=2, vocab_size=vocab).state_dict(), tmp_path / "base.pt")
     out = tmp_path / "out"
-    ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config-json", cfg, "--merges", merges,
+    ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config", cfg, "--merges", merges,
              "--data-root", str(root),
              "--datasets", "clevr_count_all,imagenet-a,voc2007,kitti_closest_vehicle_distance",
              "--retrieval", "flickr30k", "--out", str(out), "--compare", str(tmp_path / "base.pt"),
@@ -687,7 +687,7 @@ def test_results_json_keeps_what_a_killed_run_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "retrieval_eval", killed)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config-json", cfg, "--merges", merges,
+        ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config", cfg, "--merges", merges,
                  "--data-root", str(root), "--datasets", "imagenet-a,cifar10", "--retrieval", "flickr30k",
                  "--out", str(out), "--workers", "0", "--device", "cpu"])
     res = json.loads((out / "results.json").read_text())
@@ -717,7 +717,7 @@ def test_classifier_cache_key_covers_the_model_config(tmp_path):
     out = tmp_path / "out"
     tops = []
     for config in (cfg, str(quick), cfg):  # one checkpoint read with GELU, with QuickGELU, with GELU again
-        ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config-json", config, "--merges", merges,
+        ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config", config, "--merges", merges,
                  "--data-root", str(root), "--datasets", "imagenet-a", "--retrieval", "", "--out", str(out),
                  "--workers", "0", "--device", "cpu"])
         tops.append(json.loads((out / "results.json").read_text())["ours"]["zeroshot"]["imagenet-a"])
