@@ -14,31 +14,30 @@ this script writes has LoRA merged back into plain `in_proj_weight`s, so it load
     python finetune_qkv.py --checkpoint runs/baseline/clip.pt --data /path/to/nights --out runs/ft_qkv
     python finetune_qkv.py --checkpoint runs/baseline/clip.pt --data ... --out runs/ft_lora --lora 16
 
-The model is rebuilt from config.json beside the checkpoint (or --config, or --model). The training loop, evaluation,
+The model is rebuilt from config.json beside the checkpoint (or --config, or --model; model.config_for). The training loop, evaluation,
 checkpointing and --resume are those of train_nights.py; the result is <out>/finetuned.pt.
 """
 import argparse
-import json
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from model import Attention, CLIP, CLIPConfig, cleanup_distributed, load_state_dict_checked, setup_distributed
-from train_nights import HelpFormatter, add_run_args, train
+from model import (Attention, CLIP, HelpFormatter, add_recipe_args, add_run_args, cleanup_distributed, config_for,
+                   load_state_dict_checked, setup_distributed)
+from train_nights import add_nights_args, train
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the trained CLIP to fine-tune (a plain state dict)")
-    p.add_argument("--config", default=None,
-                   help="CLIPConfig JSON of the checkpoint (default: config.json beside it, else --model)")
-    p.add_argument("--model", choices=["vit-b-32", "tiny"], default="vit-b-32",
-                   help="architecture when no config.json is found")
-    add_run_args(p)
+    p.add_argument("--config", default=None, help="CLIPConfig JSON of the checkpoint (default: config.json beside it)")
+    add_run_args(p, data_help="NIGHTS folder as distributed (data.csv + ref/ + distort/)", model=None)
+    add_nights_args(p, best_by="val_loss",
+                    final_help="which epoch becomes finetuned.pt (default: best with --lora, as Sundaram et al.; the "
+                               "last of the 8 epochs without, as the PI paper §3.3 describes)")
     p.add_argument("--augment", action="store_true",
                    help="with --lora: train with the §3.4 augmentations anyway (DreamSim trains without; without "
                         "--lora they are on unless --no-augment)")
@@ -49,27 +48,17 @@ def get_parser():
                    help="LoRA scale alpha, the update is alpha/R·B·A (DreamSim's config: 32)")
     p.add_argument("--lora-dropout", type=float, default=0.2,
                    help="dropout on the LoRA branch's input, as PEFT (DreamSim's config: 0.2)")
-    # the optimisation recipe: 8 epochs, the margin and AdamW are the PI paper's (§3.3); with --lora, every default
-    # below is DreamSim's training code (LORA_RECIPE); the PI paper gives none of them
-    p.add_argument("--epochs", type=int, default=8, help="PI paper §3.3 and DreamSim's config: 8 epochs")
-    p.add_argument("--margin", type=float, default=0.05, help="hinge margin m (PI paper §3.1, DreamSim's config)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="triplets per optimiser step over all GPUs (default 16; with --lora DreamSim's 32)")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (Sundaram et al. and DreamSim's config)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="weight decay (0: DreamSim's config; Adam and AdamW agree at 0)")
-    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
-                   help="Adam betas (default 0.9 0.98 as stage 2; with --lora DreamSim's 0.5 0.999)")
-    p.add_argument("--eps", type=float, default=None,
-                   help="Adam epsilon (default 1e-6 as stage 2; with --lora torch's default 1e-8, as DreamSim)")
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up length (ours: none, as DreamSim)")
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="constant",
-                   help="learning-rate schedule (constant, as DreamSim's code)")
-    p.add_argument("--best-by", choices=["val_2afc", "val_loss"], default="val_loss",
-                   help="what makes an epoch the best one (DreamSim checkpoints on the lowest validation loss)")
-    p.add_argument("--final", choices=["last", "best"], default=None,
-                   help="which epoch becomes finetuned.pt (default: best with --lora, as Sundaram et al.; the last of "
-                        "the 8 epochs without, as the PI paper §3.3 describes)")
+    # 8 epochs, the margin and AdamW are the PI paper's (§3.3); with --lora the unset values are DreamSim's
+    # (LORA_RECIPE), without it QKV_RECIPE; the PI paper gives none of them
+    add_recipe_args(p, epochs=(8, "PI paper §3.3 and DreamSim's config"),
+                    batch_size=(None, "16; with --lora DreamSim's 32"),
+                    lr=(3e-4, "Sundaram et al. and DreamSim's config"),
+                    weight_decay=(0.0, "DreamSim's config; Adam and AdamW agree at 0"),
+                    warmup_epochs=(0.0, "none, as DreamSim"),
+                    beta1=(None, "0.9 as stage 2; with --lora DreamSim's 0.5"),
+                    beta2=(None, "0.98 as stage 2; with --lora DreamSim's 0.999"),
+                    eps=(None, "1e-6 as stage 2; with --lora torch's default 1e-8, as DreamSim"))
+    p.set_defaults(schedule="constant")  # as DreamSim's code
     return p
 
 
@@ -139,8 +128,8 @@ def merged_state_dict(model):
 # Sundaram et al.'s LoRA recipe as DreamSim's code runs it: training/train.py (torch.optim.Adam with betas
 # (0.5, 0.999), the dataset's resize-only preprocessing) with configs/train_single_model_lora.yaml (lr 3e-4, weight
 # decay 0, batch 32, 8 epochs, margin 0.05, LoRA r 16, alpha 32, dropout 0.2). Without --lora: our defaults.
-LORA_RECIPE = {"batch_size": 32, "betas": [0.5, 0.999], "eps": 1e-8}
-QKV_RECIPE = {"batch_size": 16, "betas": [0.9, 0.98], "eps": 1e-6}
+LORA_RECIPE = {"batch_size": 32, "beta1": 0.5, "beta2": 0.999, "eps": 1e-8}
+QKV_RECIPE = {"batch_size": 16, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6}
 
 
 def resolve_recipe(args):
@@ -155,32 +144,20 @@ def resolve_recipe(args):
     return args
 
 
-def load_config(args):
-    path = args.config or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return CLIPConfig(**json.load(f))
-    if args.config:
-        raise FileNotFoundError(f"--config {args.config} not found")
-    return CLIPConfig.tiny() if args.model == "tiny" else CLIPConfig()
-
-
 def main(argv=None):
     args = resolve_recipe(get_parser().parse_args(argv))
-    d = setup_distributed()
+    d = setup_distributed(timeout_minutes=args.dist_timeout)
     try:
         torch.manual_seed(args.seed)  # the LoRA initialisation, identical on every rank
-        model = CLIP(load_config(args))
+        model = CLIP(config_for(args.checkpoint, preset=args.model, config=args.config))
         load_state_dict_checked(model, args.checkpoint)  # a wrong architecture stops here, naming the keys
         if args.lora:
             add_lora(model, args.lora, args.lora_alpha, args.lora_dropout)
         for name, p in model.named_parameters():
             # §3.3: only Q, K, V of every vision attention block are unfrozen (with LoRA: only the LoRA factors)
             p.requires_grad_(".lora_" in name if args.lora else is_qkv(name))
-        if args.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        return train(args, model, d, out_name="finetuned.pt", export=merged_state_dict,
-                     optimizer_options={"betas": tuple(args.betas), "eps": args.eps})
+        model.set_grad_checkpointing(args.grad_checkpointing)
+        return train(args, model, d, out_name="finetuned.pt", export=merged_state_dict)
     finally:
         cleanup_distributed()
 

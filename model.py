@@ -629,6 +629,15 @@ def config_for(checkpoint=None, preset=None, config=None):
     return CLIPConfig()
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the script docstring's layout and shows the defaults that are values (not None, not flags)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.help == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Renamed(argparse.Action):
     """An old spelling of a flag: stores into the new flag's destination and says which flag replaced it."""
 
@@ -645,11 +654,11 @@ def add_renamed(p, old, new, dest, type=str):
     p.add_argument(old, dest=dest, type=type, action=_Renamed, new_flag=new, help=argparse.SUPPRESS)
 
 
-def add_run_args(p, data_help, workers=8):
+def add_run_args(p, data_help, workers=8, model="ViT-B-32"):
     """Flags about running, the same in every training script."""
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", type=preset_config_name, default="ViT-B-32",
+    p.add_argument("--model", type=preset_config_name, default=model,
                    help=f"architecture preset: {', '.join(MODEL_PRESETS)}")
     p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation draws")
     p.add_argument("--workers", type=int, default=workers, help="DataLoader workers per process")

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,65 +30,40 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data import NightsTriplets
-from model import (CLIP, CLIPConfig, JsonlLogger, adamw, autocast, check_finite, cleanup_distributed, cosine_lr,
-                   hinge_terms, perceptual_hinge_loss, resume_training_state, save_checkpoint, setup_distributed,
-                   training_state, triplet_distances, two_afc_scores)
+from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_run_args, autocast, check_finite,
+                   cleanup_distributed, cosine_lr, hinge_terms, perceptual_hinge_loss, preset_config,
+                   resume_training_state, save_checkpoint, setup_distributed, training_state, triplet_distances,
+                   two_afc_scores)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the module docstring's layout and shows the defaults that are values (not None, not flags)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def add_run_args(p):
-    """Arguments about data, output and running, shared with finetune_qkv.py (the optimisation recipe is not)."""
-    p.add_argument("--data", required=True, help="NIGHTS folder as distributed (data.csv + ref/ + distort/)")
-    p.add_argument("--out", required=True, help="output folder")
+def add_nights_args(p, best_by, final_help):
+    """The NIGHTS-specific flags, shared with finetune_qkv.py."""
     p.add_argument("--subset", type=float, default=1.0,
                    help="train on this fraction of the train triplets, 0.01 .. 1.0 (the sub-sampling study the PI "
                         "paper proposes in §5); the subset is fixed by --subset-seed, not by --seed")
     p.add_argument("--subset-seed", type=int, default=0, help="which triplets --subset keeps")
-    p.add_argument("--no-augment", action="store_true", help="train without the §3.4 augmentations")
-    p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation draws")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                   help="bf16 autocast (default on GPU; fp32 master weights either way) or fp32 (default on CPU)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
-    p.add_argument("--save-every-steps", type=int, default=0,
-                   help="also write state.pt every N optimiser steps (it is always written after each epoch)")
-    p.add_argument("--stop-after-steps", type=int, default=0,
-                   help="stop after this many optimiser steps in total, having written state.pt, as if the run had "
-                        "been killed (the schedule still spans --epochs); for testing --resume")
+    p.add_argument("--margin", type=float, default=0.05,
+                   help="hinge margin m, PI paper §3.1 (following Sundaram et al.)")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning-rate schedule after warm-up")
+    p.add_argument("--best-by", choices=["val_2afc", "val_loss"], default=best_by,
+                   help="what makes an epoch the best one, for best.pt")
+    p.add_argument("--final", choices=["last", "best"], default=None, help=final_help)
     return p
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_run_args(p)
-    p.add_argument("--model", choices=["vit-b-32", "tiny"], default="vit-b-32",
-                   help="CLIP ViT-B/32 (PI paper §3.1) or the tiny test preset")
-    # the optimisation recipe: epochs, margin and AdamW are the paper's; the other values the paper does not give
-    p.add_argument("--epochs", type=int, default=32, help="PI paper §3.1: 32 epochs")
-    p.add_argument("--margin", type=float, default=0.05,
-                   help="hinge margin m, PI paper §3.1 (following Sundaram et al.)")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="triplets per optimiser step summed over all GPUs (ours; the paper does not give it)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (ours; not given in the paper)")
-    p.add_argument("--weight-decay", type=float, default=0.2,
-                   help="AdamW weight decay (ours, open_clip's value for ViT-B/32; not given in the paper)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length (ours)")
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
-                   help="learning-rate schedule after warm-up (ours)")
-    p.add_argument("--best-by", choices=["val_2afc", "val_loss"], default="val_2afc",
-                   help="what makes an epoch the best one, for best.pt")
-    p.add_argument("--final", choices=["last", "best"], default="last",
-                   help="which epoch becomes nights.pt: the last one (the paper trains 32 epochs and names no model "
-                        "selection) or the best one on val")
+    add_run_args(p, data_help="NIGHTS folder as distributed (data.csv + ref/ + distort/)")
+    add_nights_args(p, best_by="val_2afc",
+                    final_help="which epoch becomes nights.pt (default: the last; the paper trains 32 epochs and "
+                               "names no model selection) or the best one on val")
+    # epochs and AdamW are the paper's (§3.1); the values it does not give are ours
+    add_recipe_args(p, epochs=(32, "PI paper §3.1"), batch_size=(256, "ours; the paper gives none"),
+                    lr=(5e-4, "ours; the paper gives none"),
+                    weight_decay=(0.2, "ours: open_clip's ViT-B/32 value; the paper gives none"),
+                    warmup_epochs=(1.0, "ours"), beta1=(0.9, "open_clip's"), beta2=(0.98, "open_clip's, CLIP's"),
+                    eps=(1e-6, "open_clip's, CLIP's"))
     return p
 
 
@@ -112,21 +88,29 @@ def evaluate(model, loader, device, precision, margin=0.05):
     return {"val_loss": loss_sum / n, "val_2afc": correct / n, "val_n": int(n)}
 
 
-def train(args, model, d, out_name="nights.pt", export=None, optimizer_options=None):
-    """Train the parameters of `model` that require grad (all inside model.visual) with the hinge loss on NIGHTS.
+# -----------------------------------------------------------------------------------------------------------------
+# The pieces of a run: data, state (fresh or resumed), one optimiser step, the end of an epoch
 
-    export(model) -> the plain CLIP state dict written to last.pt / best.pt / out_name (default model.state_dict();
-    finetune_qkv.py passes one that merges LoRA). optimizer_options: betas / eps for model.adamw (finetune_qkv.py's
-    --lora recipe). Returns a dict of results (init/last/best validation metrics), or
-    None when --stop-after-steps stopped the run.
-    """
-    export = export or (lambda m: m.state_dict())
-    device, is_cuda = d.device, d.device.type == "cuda"
-    args.precision = args.precision or ("bf16" if is_cuda else "fp32")
-    model.to(device)
-    image_size = model.config.image_size
 
-    # Data. Every path in the splits is checked here, before any training.
+@dataclass
+class NightsData:
+    train_set: NightsTriplets
+    sampler: DistributedSampler
+    val_loader: DataLoader
+    per_rank: int  # triplets per process per step
+    steps_per_epoch: int
+
+    def epoch_batches(self, epoch, done, workers, pin_memory):
+        """The batches of `epoch` after the `done` this rank already trained on (a resumed run skips them)."""
+        self.sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+        order = list(self.sampler)[done * self.per_rank:]
+        return DataLoader(self.train_set, batch_size=self.per_rank, sampler=order, num_workers=workers,
+                          pin_memory=pin_memory)
+
+
+def nights_data(args, image_size, d):
+    """Train and val triplets for this rank. Every path in the splits is checked here, before any training."""
     train_set = NightsTriplets(args.data, "train", image_size, augment=not args.no_augment, subset=args.subset,
                                subset_seed=args.subset_seed, seed=args.seed)
     val_set = NightsTriplets(args.data, "val", image_size)
@@ -137,143 +121,189 @@ def train(args, model, d, out_name="nights.pt", export=None, optimizer_options=N
     # and rank r takes every world_size-th index, so together the ranks see the same batch as one process would.
     sampler = DistributedSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=args.seed)
     val_loader = DataLoader(Subset(val_set, range(d.rank, len(val_set), d.world_size)), batch_size=per_rank,
-                            num_workers=args.workers, pin_memory=is_cuda)
-    steps_per_epoch = math.ceil(len(sampler) / per_rank)
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+                            num_workers=args.workers, pin_memory=d.device.type == "cuda")
+    return NightsData(train_set, sampler, val_loader, per_rank, math.ceil(len(sampler) / per_rank))
 
-    optimizer = adamw(model, lr=args.lr, weight_decay=args.weight_decay, **(optimizer_options or {}))
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+@dataclass
+class Progress:
+    """What a run carries from step to step, and through state.pt across a restart."""
+    step: int = 0
+    best: dict = None  # validation metrics of the best epoch so far
+    init_metrics: dict = None  # validation metrics before training (epoch 0)
+    epoch_loss: tuple = (0.0, 0)  # (train-loss sum, batches) of this epoch so far, on this rank
+
+
+def start_or_resume(args, model, optimizer, state_path, schedule, d):
+    """A fresh Progress, or the one a killed run last wrote to state.pt (its weights and optimiser restored)."""
+    if not args.resume:
+        if os.path.exists(state_path):
+            raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
+        return Progress()
+    if not os.path.isfile(state_path):
+        raise FileNotFoundError(f"--resume: no training state at {state_path}")
+    state = resume_training_state(state_path, model, optimizer)
+    saved = {k: state[k] for k in schedule}
+    if saved != schedule:
+        raise ValueError(f"{state_path} was written by a run with {saved}, this one has {schedule}: resume with the "
+                         f"same --batch-size, --epochs, --subset and number of processes")
     if d.is_main:
-        print(f"{len(train_set)} train / {len(val_set)} val triplets, {steps_per_epoch} steps per epoch, "
-              f"{n_train:,} trainable parameters, {d.world_size} process(es) on {device}, {args.precision}")
+        print(f"resumed from {state_path} at step {state['step']}")
+    # the epoch's loss so far is the all-rank total, carried by rank 0
+    return Progress(state["step"], state["best"], state["init_metrics"],
+                    tuple(state["epoch_loss"]) if d.is_main else (0.0, 0))
 
-    # State: fresh, or everything a killed run had when it last wrote state.pt.
+
+def all_ranks_total(values, device):
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return tuple(total.tolist())
+
+
+def save_state(state_path, model, optimizer, progress, schedule, args, d):
+    """Every rank calls this (the epoch-loss total is a collective); rank 0 writes state.pt atomically."""
+    epoch_loss = all_ranks_total(progress.epoch_loss, d.device)
+    if d.is_main:
+        save_checkpoint(training_state(model, optimizer, progress.step, best=progress.best,
+                                       init_metrics=progress.init_metrics, epoch_loss=epoch_loss, args=vars(args),
+                                       config=dataclasses.asdict(model.config), **schedule),
+                        state_path)
+
+
+def hinge_step(tower, optimizer, batch, margin, precision, step, state_path):
+    """One optimiser step of eq. 2: one forward pass over the 3B images of the batch, whose thirds eq. 1 compares.
+    A non-finite loss stops the run before the weights change."""
+    ref, left, right, label = batch
+    device = next(tower.parameters()).device
+    images, label = torch.cat([ref, left, right]).to(device, non_blocking=True), label.to(device)
+    with autocast(device, precision):
+        f_ref, f_left, f_right = tower(images).chunk(3)
+    loss = perceptual_hinge_loss(f_ref, f_left, f_right, label, margin)
+    check_finite(loss, step, state_path if os.path.exists(state_path) else None)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def end_of_epoch(model, data, progress, epoch, lr, seconds, args, export, d):
+    """Validation, the epoch's log line, last.pt and (if better) best.pt. Returns the epoch's metrics."""
+    loss_sum, batches = all_ranks_total(progress.epoch_loss, d.device)
+    metrics = {"epoch": epoch + 1, "step": progress.step, "train_loss": loss_sum / batches, "lr": lr,
+               **evaluate(model, data.val_loader, d.device, args.precision, args.margin), "epoch_s": seconds}
+    best = progress.best
+    better = best is None or (metrics["val_2afc"] > best["val_2afc"] if args.best_by == "val_2afc"
+                              else metrics["val_loss"] < best["val_loss"])
+    if d.is_main:
+        tqdm.write(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
+                   f"val 2AFC {metrics['val_2afc']:.4f}" + (" (best)" if better else ""))
+        weights = export(model)
+        save_checkpoint(weights, os.path.join(args.out, "last.pt"))
+        if better:
+            save_checkpoint(weights, os.path.join(args.out, "best.pt"))
+    if better:
+        progress.best = metrics
+    progress.epoch_loss = (0.0, 0)
+    return metrics
+
+
+def write_result(args, out_name, best):
+    """The result: a copy of last.pt or best.pt, renamed into place so that it is never half-written."""
+    source = os.path.join(args.out, "best.pt" if args.final == "best" else "last.pt")
+    target = os.path.join(args.out, out_name)
+    shutil.copyfile(source, target + ".tmp")
+    os.replace(target + ".tmp", target)
+    print(f"wrote {target} ({args.final} epoch; best val 2AFC epoch {best['epoch']}: {best['val_2afc']:.4f})")
+    return target
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train(args, model, d, out_name="nights.pt", export=None):
+    """Train the parameters of `model` that require grad (all inside model.visual) with the hinge loss on NIGHTS.
+
+    export(model) -> the plain CLIP state dict written to last.pt / best.pt / out_name (default model.state_dict();
+    finetune_qkv.py passes one that merges LoRA). Returns a dict of results (init/last/best validation metrics), or
+    None when --stop-after-steps stopped the run (state.pt written: --resume continues it).
+    """
+    export = export or (lambda m: m.state_dict())
+    args.precision = args.precision or ("bf16" if d.device.type == "cuda" else "fp32")
+    args.final = args.final or "last"
+    model.to(d.device)
+    data = nights_data(args, model.config.image_size, d)
+    total_steps = args.epochs * data.steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * data.steps_per_epoch)
+    schedule = {"steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps}  # a resume must match these
+    optimizer = adamw(model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2), eps=args.eps)
+    if d.is_main:
+        print(f"{len(data.train_set)} train / {len(data.val_loader.dataset)} val triplets, {data.steps_per_epoch} "
+              f"steps per epoch, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
+              f"parameters, {d.world_size} process(es) on {d.device}, {args.precision}")
+
     os.makedirs(args.out, exist_ok=True)
     state_path = os.path.join(args.out, "state.pt")
-    step, best, init_metrics, epoch_loss = 0, None, None, [0.0, 0]  # epoch_loss: sum, batches (of this epoch)
-    if args.resume:
-        if not os.path.isfile(state_path):
-            raise FileNotFoundError(f"--resume: no training state at {state_path}")
-        state = resume_training_state(state_path, model, optimizer)
-        if state["steps_per_epoch"] != steps_per_epoch or state["total_steps"] != total_steps:
-            raise ValueError(f"{state_path} was written by a run with {state['steps_per_epoch']} steps per epoch and "
-                             f"{state['total_steps']} in all, this one has {steps_per_epoch} and {total_steps}: resume "
-                             f"with the same --batch-size, --epochs, --subset and number of processes")
-        step, best, init_metrics = state["step"], state["best"], state["init_metrics"]
-        # the finished batches of the current epoch: their loss total (over all ranks) is carried by rank 0
-        epoch_loss = state["epoch_loss"] if d.is_main else [0.0, 0]
-        if d.is_main:
-            print(f"resumed from {state_path} at step {step}")
-    elif os.path.exists(state_path):
-        raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
+    progress = start_or_resume(args, model, optimizer, state_path, schedule, d)
     if d.is_main:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(model.config), f, indent=2)
-    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=d.is_main)
-
-    def epoch_loss_total():  # [loss sum, batches] of this epoch so far, over all ranks
-        total = torch.tensor(epoch_loss, dtype=torch.float64, device=device)
-        if d.world_size > 1:
-            dist.all_reduce(total)
-        return total.tolist()
-
-    def save_state():  # called by every rank (epoch_loss_total is a collective); rank 0 writes
-        loss_so_far = epoch_loss_total()
+    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=d.is_main, resume=args.resume)
+    if progress.init_metrics is None:  # the starting point, logged as epoch 0 (chance for a random init)
+        progress.init_metrics = evaluate(model, data.val_loader, d.device, args.precision, args.margin)
+        logger.log(epoch=0, step=0, **progress.init_metrics)
         if d.is_main:
-            save_checkpoint(training_state(model, optimizer, step, steps_per_epoch=steps_per_epoch,
-                                           total_steps=total_steps, best=best, init_metrics=init_metrics,
-                                           epoch_loss=loss_so_far, args=vars(args),
-                                           config=dataclasses.asdict(model.config)),
-                            state_path)
-
-    if init_metrics is None:  # the starting point, logged as epoch 0 (chance for a random init)
-        init_metrics = evaluate(model, val_loader, device, args.precision, args.margin)
-        logger.log(epoch=0, step=0, **init_metrics)
-        if d.is_main:
-            print(f"epoch 0 (init): val 2AFC {init_metrics['val_2afc']:.4f}, val loss {init_metrics['val_loss']:.4f}")
+            print(f"epoch 0 (init): val 2AFC {progress.init_metrics['val_2afc']:.4f}, "
+                  f"val loss {progress.init_metrics['val_loss']:.4f}")
 
     # Only the trainable parameters live in the vision tower, so DDP wraps just that (it has a plain forward).
-    tower = DDP(model.visual, device_ids=[d.local_rank] if is_cuda else None) if d.world_size > 1 else model.visual
+    tower = DDP(model.visual, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
+        if d.world_size > 1 else model.visual
     metrics = None
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        done = step - epoch * steps_per_epoch  # batches of this epoch finished before a resume: skip them
-        order = list(sampler)[done * per_rank:]
-        loader = DataLoader(train_set, batch_size=per_rank, sampler=order, num_workers=args.workers,
-                            pin_memory=is_cuda)
+    for epoch in range(progress.step // data.steps_per_epoch, args.epochs):
+        done = progress.step - epoch * data.steps_per_epoch  # batches of this epoch before a resume
+        batches = data.epoch_batches(epoch, done, args.workers, pin_memory=d.device.type == "cuda")
+        bar = tqdm(batches, total=data.steps_per_epoch, initial=done, disable=not d.is_main,
+                   desc=f"epoch {epoch + 1}/{args.epochs}")
         model.train()
         t0 = time.time()
-        bar = tqdm(loader, total=steps_per_epoch, initial=done, disable=not d.is_main,
-                   desc=f"epoch {epoch + 1}/{args.epochs}")
-        for ref, left, right, label in bar:
-            if args.stop_after_steps and step >= args.stop_after_steps:
-                save_state()
-                if d.is_main:
-                    print(f"stopped after step {step} (--stop-after-steps); continue with --resume")
+        for batch in bar:
+            if args.stop_after_steps and progress.step >= args.stop_after_steps:  # a planned stop: resumable
+                save_state(state_path, model, optimizer, progress, schedule, args, d)
                 return None
-            lr = learning_rate(args, step, total_steps, warmup_steps)
+            # learning rate
+            lr = learning_rate(args, progress.step, total_steps, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # one forward pass over the 3B images of the batch; eq. 1 and 2 compare the three thirds
-            images, label = torch.cat([ref, left, right]).to(device, non_blocking=True), label.to(device)
-            with autocast(device, args.precision):
-                f_ref, f_left, f_right = tower(images).chunk(3)
-            loss = perceptual_hinge_loss(f_ref, f_left, f_right, label, args.margin)
-            check_finite(loss, step, state_path if os.path.exists(state_path) else None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            epoch_loss = [epoch_loss[0] + loss.item(), epoch_loss[1] + 1]
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-            if args.save_every_steps and step % args.save_every_steps == 0:
-                save_state()
+            # step (eq. 2), stopping on a non-finite loss
+            loss = hinge_step(tower, optimizer, batch, args.margin, args.precision, progress.step, state_path)
+            progress.step += 1
+            progress.epoch_loss = (progress.epoch_loss[0] + loss, progress.epoch_loss[1] + 1)
+            # log and save
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if args.save_every_steps and progress.step % args.save_every_steps == 0:
+                save_state(state_path, model, optimizer, progress, schedule, args, d)
         bar.close()
-
-        # end of epoch: mean train loss over all ranks, validation, checkpoints
-        loss_sum, batches = epoch_loss_total()
-        metrics = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / batches, "lr": lr,
-                   **evaluate(model, val_loader, device, args.precision, args.margin), "epoch_s": time.time() - t0}
-        epoch_loss = [0.0, 0]
+        # end of epoch: validation and checkpoints, then state.pt (so a resumed run never misses an epoch's files)
+        metrics = end_of_epoch(model, data, progress, epoch, lr, time.time() - t0, args, export, d)
         logger.log(**metrics)
-        better = best is None or (metrics["val_2afc"] > best["val_2afc"] if args.best_by == "val_2afc"
-                                  else metrics["val_loss"] < best["val_loss"])
-        if d.is_main:
-            tqdm.write(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, "
-                       f"val loss {metrics['val_loss']:.4f}, val 2AFC {metrics['val_2afc']:.4f}"
-                       + (" (best)" if better else ""))
-            weights = export(model)
-            save_checkpoint(weights, os.path.join(args.out, "last.pt"))
-            if better:
-                save_checkpoint(weights, os.path.join(args.out, "best.pt"))
-        if better:
-            best = metrics
-        save_state()  # after last.pt/best.pt, so a resumed run never misses this epoch's checkpoints
+        save_state(state_path, model, optimizer, progress, schedule, args, d)
 
-    # the result: a copy of last.pt or best.pt, renamed into place so it is never half-written
-    if d.is_main:
-        source = os.path.join(args.out, "best.pt" if args.final == "best" else "last.pt")
-        target = os.path.join(args.out, out_name)
-        shutil.copyfile(source, target + ".tmp")
-        os.replace(target + ".tmp", target)
-        print(f"wrote {target} ({args.final} epoch; best val 2AFC epoch {best['epoch']}: {best['val_2afc']:.4f})")
-    return {"init": init_metrics, "last": metrics, "best": best, "checkpoint": os.path.join(args.out, out_name)}
+    result = write_result(args, out_name, progress.best) if d.is_main else os.path.join(args.out, out_name)
+    return {"init": progress.init_metrics, "last": metrics, "best": progress.best, "checkpoint": result}
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    d = setup_distributed()
+    d = setup_distributed(timeout_minutes=args.dist_timeout)
     try:
         torch.manual_seed(args.seed)  # the same random CLIP on every rank
-        cfg = CLIPConfig.tiny() if args.model == "tiny" else CLIPConfig()
-        model = CLIP(cfg)
+        model = CLIP(preset_config(args.model))
         # §3.1: only the vision encoder's parameters θ_v are trained; the text tower and logit scale stay as they are
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("visual."))
-        if args.grad_checkpointing:
-            model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(args.grad_checkpointing)
         return train(args, model, d, out_name="nights.pt")
     finally:
         cleanup_distributed()

@@ -344,10 +344,10 @@ def test_lora_recipe_is_dreamsims_training_code(nights, stage1, tmp_path):
         ["--checkpoint", "x.pt", "--data", nights, "--out", "o", "--lora", "16"]))
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.margin) == (3e-4, 0.0, 32, 8, 0.05)
     assert (args.lora, args.lora_alpha, args.lora_dropout) == (16, 32.0, 0.2)
-    assert tuple(args.betas) == (0.5, 0.999) and args.eps == 1e-8 and args.no_augment and args.final == "best"
+    assert (args.beta1, args.beta2, args.eps) == (0.5, 0.999, 1e-8) and args.no_augment and args.final == "best"
     plain = finetune_qkv.resolve_recipe(finetune_qkv.get_parser().parse_args(
-        ["--checkpoint", "x.pt", "--data", nights, "--out", "o", "--betas", "0.8", "0.9"]))
-    assert tuple(plain.betas) == (0.8, 0.9) and not plain.no_augment and plain.batch_size == 16  # flags override
+        ["--checkpoint", "x.pt", "--data", nights, "--out", "o", "--beta1", "0.8", "--beta2", "0.9"]))
+    assert (plain.beta1, plain.beta2) == (0.8, 0.9) and not plain.no_augment and plain.batch_size == 16  # overrides
     # the optimiser a --lora run actually uses
     base_path, out = os.path.join(stage1[0], "nights.pt"), str(tmp_path / "lora")
     finetune_qkv.main(["--checkpoint", base_path, "--data", nights, "--out", out, "--epochs", "1", "--workers", "0",
