@@ -174,7 +174,7 @@ def train(args, model, d, out_name="nights.pt", export=None):
     if d.is_main:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(model.config), f, indent=2)
-    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=d.is_main)
+    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=d.is_main, resume=args.resume)
 
     def epoch_loss_total():  # [loss sum, batches] of this epoch so far, over all ranks
         total = torch.tensor(epoch_loss, dtype=torch.float64, device=device)
