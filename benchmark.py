@@ -365,3 +365,22 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def device_augment_ms(device, n=1024, image_size=224, repeats=3):
+    """Milliseconds for data.photometric_augment + data.normalize on n uint8 crops on `device` (best of `repeats`,
+    after one warm-up call): the training device's share of train_transform when the loader ships uint8 crops."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=g).to(device)
+    params = torch.stack([data.draw_photometric_params(g) for _ in range(n)]).to(device)
+    times = []
+    for _ in range(repeats + 1):
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = data.normalize(data.photometric_augment(images, params))
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        del out
+    return 1000 * min(times[1:])

@@ -396,6 +396,150 @@ def train_transform(image_size=224):
     ])
 
 
+# train_transform split in two for large batches: the loader's workers run the geometric part (train_crop_transform,
+# uint8 out, a quarter of float32's bytes) and draw each sample's photometric parameters (draw_photometric_params);
+# the training device applies colour jitter, grayscale, blur and normalisation to the whole batch (device_transform).
+# One sample's parameter vector:
+#   [0] colour jitter applied (0/1)   [1:5] brightness, contrast, saturation, hue factors
+#   [5:9] the order of the four jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue; ColorJitter permutes them)
+#   [9] grayscale (0/1)   [10] blur (0/1)   [11] blur sigma
+PHOTOMETRIC_PARAMS = 12
+
+
+def train_crop_transform(image_size=224):
+    """train_transform's first steps (random resized crop, flip) -> uint8 [3, S, S]; the same random draws."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToImage(),
+    ])
+
+
+def eval_crop_transform(image_size=224):
+    """eval_transform's resize and centre crop -> uint8 [3, S, S]; device_transform(images) finishes it."""
+    return v2.Compose([
+        v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToImage(),
+    ])
+
+
+def draw_photometric_params(generator=None):
+    """One sample's photometric parameters [PHOTOMETRIC_PARAMS], drawn from `generator` (default: torch's global one)
+    with the same calls, in the same order, as train_transform's photometric steps draw them: RandomApply's
+    torch.rand(1) >= p skips a step, ColorJitter draws torch.randperm(4) then its four factors, GaussianBlur its
+    sigma. So these parameters equal what train_transform would draw after its crop and flip."""
+    p = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0])  # nothing applied
+    if torch.rand(1, generator=generator) < 0.8:  # RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)
+        p[0] = 1.0
+        p[5:9] = torch.randperm(4, generator=generator)
+        for i, (lo, hi) in enumerate([(1 - 0.4, 1 + 0.4)] * 3 + [(-0.1, 0.1)]):
+            p[1 + i] = torch.empty(1).uniform_(lo, hi, generator=generator)
+    p[9] = float(torch.rand(1, generator=generator) < 0.2)  # RandomGrayscale(p=0.2)
+    if torch.rand(1, generator=generator) < 0.5:  # RandomApply([GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5)
+        p[10] = 1.0
+        p[11] = torch.empty(1).uniform_(0.1, 2.0, generator=generator)
+    return p
+
+
+def photometric_augment(images, params):
+    """uint8 [B, 3, H, W] -> float32 [B, 3, H, W] in [0, 1]: train_transform's colour jitter, grayscale and blur,
+    image b with its own params[b] ([B, PHOTOMETRIC_PARAMS], from draw_photometric_params), batched on the images'
+    device. Each op is computed for the whole batch and kept where a sample has it on (torch.where): no host sync.
+    Unlike torchvision on uint8 images, the result is not rounded to uint8 after every op (see the tests)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"photometric_augment wants uint8 [B, 3, H, W] images, "
+                         f"got {images.dtype} {list(images.shape)}")
+    if params.shape != (images.shape[0], PHOTOMETRIC_PARAMS):
+        raise ValueError(f"photometric_augment wants params [{images.shape[0]}, {PHOTOMETRIC_PARAMS}], "
+                         f"got {list(params.shape)}")
+    params = params.to(device=images.device, dtype=torch.float32)
+    x = images.float().mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
+    x = _color_jitter(x, params)
+    x = torch.where(params[:, 9].view(-1, 1, 1, 1) > 0, _grayscale(x), x)
+    blur = params[:, 10] > 0
+    sigma = torch.where(blur, params[:, 11], 1.0)  # any positive sigma where the blur is off
+    blurred = _gaussian_blur(x, kernel_size=2 * (x.shape[2] // 20) + 1, sigma=sigma)
+    return torch.where(blur.view(-1, 1, 1, 1), blurred, x).clamp_(0, 1)  # the kernel sums to 1 only up to rounding
+
+
+def normalize(images):
+    """v2.Normalize(CLIP_MEAN, CLIP_STD) on float [B, 3, H, W] images in [0, 1]."""
+    mean = torch.tensor(CLIP_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return images.sub(mean).div_(std)
+
+
+def device_transform(images, params=None):
+    """uint8 [B, 3, H, W] crops (train_crop_transform / eval_crop_transform) -> the model's normalised float32 input:
+    with params, train_transform's photometric steps (photometric_augment); without, eval_transform's ToDtype."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"device_transform wants uint8 images, got {images.dtype}")
+    x = images.float().mul_(1.0 / 255) if params is None else photometric_augment(images, params)
+    return normalize(x)
+
+
+def _grayscale(x):
+    """Luma [B, 1, H, W] of float RGB [B, 3, H, W], with torchvision rgb_to_grayscale's ITU-R 601 weights."""
+    r, g, b = x.unbind(dim=1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
+
+
+def _blend_op(x, op, factors, active):
+    """Brightness (op 0), contrast (1) or saturation (2) with factor f = factors[b, op[b]] on sample b where active:
+    f * x + (1 - f) * reference, reference = black, the mean luma, or the pixel's luma (torchvision's _blend)."""
+    gray = _grayscale(x)
+    op4 = op.view(-1, 1, 1, 1)
+    reference = torch.where(op4 == 2, gray, torch.where(op4 == 1, gray.mean(dim=(1, 2, 3), keepdim=True), 0.0))
+    f = torch.where(active, factors.gather(1, op.clamp(max=2)[:, None]).squeeze(1), 1.0).view(-1, 1, 1, 1)
+    return x.mul(f).add_(reference * (1 - f)).clamp_(0, 1)  # f = 1: x exactly
+
+
+def _adjust_hue(x, hue_factor):
+    """Rotate the HSV hue of float RGB [B, 3, H, W] by hue_factor[b] turns (torchvision adjust_hue), batched."""
+    r, g, b = x.unbind(dim=1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    delta = v - torch.minimum(torch.minimum(r, g), b)  # V * S
+    d = delta.clamp(min=1e-12)  # delta = 0: r = g = b, so every numerator below is 0 (and the output is V)
+    # hue in sextants [0, 6): (g - b) / delta where R is the max, 2 + (b - r) / delta where G, 4 + (r - g) / delta
+    h6 = torch.where(v == r, (g - b).div_(d), torch.where(v == g, (b - r).div_(d).add_(2), (r - g).div_(d).add_(4)))
+    h6 = h6.add_(6 * hue_factor.view(-1, 1, 1)).remainder_(6).unsqueeze(1)
+    # back to RGB: channel = V - delta * w, w = how far the pure hue's channel is below 1: clamp(2 - |h6 - 3|, 0, 1)
+    # for R, clamp(|h6 - 2| - 1, 0, 1) for G, clamp(|h6 - 4| - 1, 0, 1) for B
+    centre = torch.tensor([3.0, 2.0, 4.0], device=x.device).view(1, 3, 1, 1)
+    sign = torch.tensor([-1.0, 1.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    w = (h6 - centre).abs_().sub_(1.5).mul_(sign).add_(0.5).clamp_(0, 1)
+    return w.mul_(-delta.unsqueeze(1)).add_(v.unsqueeze(1))
+
+
+def _color_jitter(x, params):
+    """ColorJitter with each sample's factors, in each sample's op order, where params[:, 0] is set. Brightness,
+    contrast and saturation are cheap blends; hue, the costly op, runs once for the whole batch, between the blends
+    that each sample does before it (slots < its hue slot) and those it does after it."""
+    on, order = params[:, 0] > 0, params[:, 5:9].long()
+    hue_slot = (order == 3).long().argmax(dim=1)
+    for slot in range(3):
+        x = _blend_op(x, op=order[:, slot], factors=params[:, 1:4], active=on & (slot < hue_slot))
+    x = torch.where(on.view(-1, 1, 1, 1), _adjust_hue(x, params[:, 4]), x)
+    for slot in range(1, 4):
+        x = _blend_op(x, op=order[:, slot], factors=params[:, 1:4], active=on & (slot > hue_slot))
+    return x
+
+
+def _gaussian_blur(x, kernel_size, sigma):
+    """torchvision gaussian_blur (its kernel: softmax of -(t / sigma)^2 on its grid t; reflect padding) of float
+    [B, C, H, W] with sigma[b] for image b, as two 1-D depthwise convolutions, one kernel per image and channel."""
+    n, c, h, w = x.shape
+    lim = (kernel_size - 1) / (2.0 * 2 ** 0.5)
+    t = torch.linspace(-lim, lim, kernel_size, dtype=x.dtype, device=x.device)
+    g = torch.softmax(t.div(sigma.view(-1, 1)).pow(2).neg(), dim=1).repeat_interleave(c, dim=0)  # [B * C, k]
+    pad = kernel_size // 2
+    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect").view(1, n * c, h + 2 * pad, w + 2 * pad)
+    x = torch.nn.functional.conv2d(x, g.view(n * c, 1, 1, kernel_size), groups=n * c)  # along W
+    x = torch.nn.functional.conv2d(x, g.view(n * c, 1, kernel_size, 1), groups=n * c)  # along H
+    return x.view(n, c, h, w)
+
+
 # --- Synthetic world (the CPU demo's data; no download) ---
 # A tiny world of flat coloured shapes, written to disk in EXACTLY the formats of the real data, so the CPU demo
 # runs the real readers end to end:
