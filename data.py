@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_modes_mapping
 

@@ -10,7 +10,8 @@ import data
 import train_clip
 from model import CLIP, CLIPConfig, cleanup_distributed, setup_distributed
 
-csv_path, merges, batch_size, accum_steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+csv_path, merges, out = sys.argv[1], sys.argv[2], sys.argv[5]
+batch_size, accum_steps = int(sys.argv[3]), int(sys.argv[4])
 d = setup_distributed()
 tokenizer = data.Tokenizer(merges)
 torch.manual_seed(0)

@@ -81,7 +81,8 @@ def plain_shards(root, n_shards, per_shard, start=0, image_size=(48, 40), stats=
     {shard}_stats.json beside each."""
     os.makedirs(root, exist_ok=True)
     for n in range(n_shards):
-        members = [m for i in range(start + n * per_shard, start + (n + 1) * per_shard) for m in good(i, size=image_size)]
+        ids = range(start + n * per_shard, start + (n + 1) * per_shard)
+        members = [m for i in ids for m in good(i, size=image_size)]
         write_shard(os.path.join(root, f"{n:05d}.tar"), members)
         if stats:
             with open(os.path.join(root, f"{n:05d}_stats.json"), "w") as f:
