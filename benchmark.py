@@ -3,6 +3,8 @@
   python benchmark.py model     # ViT-B/32 CLIP training step, ours vs open_clip (fp32 and bf16), and its peak memory
   python benchmark.py loss      # clip_loss vs the textbook two-matrix InfoNCE: peak memory and time at batch 4,096
   python benchmark.py data      # image-text pipeline: samples/s per CPU core, ours vs plain PIL + torchvision
+  python benchmark.py loader    # stage-2 loader alone at 5,120 per rank: peak host memory (processes + /dev/shm)
+  python benchmark.py mixing    # shards per rank batch at the paper's scale (a simulation of the sample order)
   python benchmark.py memory    # activation memory per sample, with and without gradient checkpointing (CPU)
   python benchmark.py gpu       # CUDA only: samples/s/GPU, peak memory and MFU of a ViT-B/32 training step
 
@@ -11,6 +13,7 @@ round and reports medians, so both see the same machine.
 """
 import argparse
 import io
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -191,15 +194,18 @@ def _plain_pipeline(shards, tokenizer, transform, batch_size):
 
 
 def bench_data(args):
+    """The CPU's work per training sample: ours (shard bytes -> draft decode -> crop, resize, flip -> uint8 crop and
+    photometric parameters, what a worker hands over) against the plain pipeline (PIL full decode + the whole
+    train_transform per image on the CPU). The photometric part we moved to the device is timed separately."""
     torch.set_num_threads(1)  # one core: the figure is per core, as a DataLoader worker runs
     with tempfile.TemporaryDirectory() as root:
         pattern, kb = write_benchmark_shards(root, 2, args.data_samples // 2, args.side)
         merges = os.path.join(root, "merges.txt.gz")
         data.learn_bpe([f"a photo number {i} of a red dog on the grass" for i in range(100)], merges, 50)
         tok = data.Tokenizer(merges)
-        transform = data.train_transform(args.image_size)
         n, batch = args.data_samples, 32
-        ours = data.TarImageText(pattern, tok, transform, batch, n // batch, buffer_size=256)
+        ours = data.TarImageText(pattern, tok, args.image_size, batch, n // batch, buffer_size=256, micro_batch=batch)
+        transform = data.train_transform(args.image_size)
         plain = lambda: _plain_pipeline(data.expand_shards(pattern), tok, transform, batch)  # noqa: E731
         rates = {"ours": [], "plain": []}
         for r in range(args.rounds + 1):  # round 0 warms up (page cache, lazy imports): not counted
@@ -209,17 +215,107 @@ def bench_data(args):
                     count += len(b["images"])
                 if r:
                     rates[name].append(count / (time.perf_counter() - t0))
-        print(f"{n} samples per round, {args.rounds} rounds, JPEG q95, short side {args.side} px (mean {kb:.0f} KB), "
-              f"augmented to {args.image_size} px, tokenised, batched; one thread")
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        _table(["pipeline", "samples/s per core (median)", "range"],
-               [("plain: PIL full decode + torchvision train_transform", f"{med['plain']:.0f}",
-                 f"{min(rates['plain']):.0f}-{max(rates['plain']):.0f}"),
-                ("ours: data.TarImageText (draft decode, separable blur)", f"{med['ours']:.0f}",
-                 f"{min(rates['ours']):.0f}-{max(rates['ours']):.0f}"),
-                ("speed-up", f"{med['ours'] / med['plain']:.2f}x", "")])
-        print(f"\nAt {med['ours']:.0f} samples/s/core, feeding 780 pairs/s/GPU (open_clip's A100 rate) takes "
-              f"{780 / med['ours']:.1f} cores per GPU; the paper's 35 pairs/s/GPU takes {35 / med['ours']:.2f}.")
+        device_ms = device_augment_ms(torch.device("cpu"), n=1024, image_size=args.image_size)
+    print(f"{n} samples per round, {args.rounds} rounds, JPEG q95, short side {args.side} px (mean {kb:.0f} KB), "
+          f"to {args.image_size} px, tokenised, batched; one thread")
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    _table(["pipeline", "samples/s per core (median)", "range"],
+           [("plain: PIL full decode + torchvision train_transform, float32 out", f"{med['plain']:.0f}",
+             f"{min(rates['plain']):.0f}-{max(rates['plain']):.0f}"),
+            ("ours: data.TarImageText (draft decode, crop + flip, uint8 + params out)", f"{med['ours']:.0f}",
+             f"{min(rates['ours']):.0f}-{max(rates['ours']):.0f}")])
+    print(f"\nDevice side (data.photometric_augment + normalize, batched), on this CPU with "
+          f"{torch.get_num_threads()} thread(s): {device_ms:.0f} ms per 1,024 images")
+    print(f"At {med['ours']:.0f} samples/s/core, feeding 780 pairs/s/GPU (open_clip's A100 rate) takes "
+          f"{780 / med['ours']:.1f} cores per GPU, and 2,000 pairs/s takes {2000 / med['ours']:.1f}.")
+    print(f"speed-up {med['ours'] / med['plain']:.2f}×")
+
+# --------------------------------------------------------------------------------------------- loader memory
+
+
+def _tree_memory_gb(pid, shm_base):
+    """Resident memory of a process and its descendants, shared pages divided among their users (Pss, without
+    shared memory), plus what /dev/shm holds above `shm_base` (where the DataLoader's batches travel)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.endswith("kB\n")}
+            total += fields.get("Pss", 0) - fields.get("Pss_Shmem", 0)
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    st = os.statvfs("/dev/shm")
+    return total / 2 ** 20 + max(0, (st.f_blocks - st.f_bfree) * st.f_frsize - shm_base) / 2 ** 30
+
+
+def bench_loader(args):
+    """data.image_text_loader alone at the paper's per-rank batch and ViT-B/32's image size, with --workers workers:
+    batches per second and the peak host memory of the whole process tree plus /dev/shm, sampled every 50 ms."""
+    import threading
+    with tempfile.TemporaryDirectory() as root:
+        n_shards = max(2 * args.workers, 8)
+        per_shard = math.ceil(args.batch_size * (args.batches + 1) / n_shards)
+        pattern, kb = write_benchmark_shards(root, n_shards, per_shard, args.side)
+        merges = os.path.join(root, "merges.txt.gz")
+        data.learn_bpe([f"a photo number {i} of a red dog on the grass" for i in range(100)], merges, 50)
+        tok = data.Tokenizer(merges)
+        st = os.statvfs("/dev/shm")
+        shm_base = (st.f_blocks - st.f_bfree) * st.f_frsize
+        loader = data.image_text_loader(pattern, tok, args.image_size, args.batch_size, workers=args.workers)
+        peak, done = [_tree_memory_gb(os.getpid(), shm_base)], threading.Event()
+
+        def sample():
+            while not done.wait(0.05):
+                peak.append(max(peak[-1], _tree_memory_gb(os.getpid(), shm_base)))
+
+        watcher = threading.Thread(target=sample, daemon=True)
+        watcher.start()
+        t0, batches = time.perf_counter(), loader.epoch(0)
+        for k in range(args.batches):
+            b = next(batches)
+            print(f"batch {k}: {tuple(b['images'].shape)} {b['images'].dtype} after {time.perf_counter() - t0:.0f} s, "
+                  f"{peak[-1]:.2f} GB so far", flush=True)
+            del b
+        del batches
+        done.set()
+        watcher.join()
+    print(f"\n{args.batches} batches of {args.batch_size:,} at {args.image_size} px from {n_shards} shards of "
+          f"{per_shard} JPEGs (short side {args.side} px, mean {kb:.0f} KB), {args.workers} workers, micro-batches of "
+          f"{data.MICRO_BATCH}, shuffle buffer {data.SHUFFLE_BUFFER}; at start {peak[0]:.2f} GB")
+    print(f"peak host memory {max(peak):.1f} GB")
+
+# --------------------------------------------------------------------------------------------- batch mixing
+
+
+def bench_mixing(args):
+    """How many shards one rank batch spans under the defaults, by running the loader's own plan (epoch_pieces,
+    unit_stream) on sample ids instead of images: rank 0's first `--batches` batches of epoch 0."""
+    sizes = [args.shard_size] * args.shards
+    per_rank = args.global_batch // args.ranks
+    items = math.ceil(per_rank / args.micro_batch)
+    steps = sum(sizes) // args.global_batch
+    plan = data.epoch_pieces(sizes, steps, per_rank, items, args.ranks, args.workers, seed=0, epoch=0)
+
+    def read(piece):
+        return ((piece[0], i) for i in range(piece[1], piece[2]))
+
+    streams = [data.unit_stream(plan[w], read, 0, 0, w, args.shards_per_worker, args.buffer) for w in
+               range(args.workers)]  # rank 0's units
+    item_sizes = data.item_sizes(per_rank, items)
+    rows = []
+    for k in range(args.batches):
+        shards = set()
+        for j in range(k * items, (k + 1) * items):
+            shards |= {next(streams[j % args.workers])[1][0] for _ in range(item_sizes[j % items])}
+        rows.append((k, f"{len(shards):,}"))
+    print(f"{args.shards:,} shards x {args.shard_size:,} samples, {args.ranks} ranks x {args.workers} workers, global "
+          f"batch {args.global_batch:,} ({per_rank:,} per rank, {items} micro-batches of <= {args.micro_batch}), "
+          f"{args.shards_per_worker} shards open per worker, shuffle buffer {args.buffer:,}")
+    _table(["rank-0 batch", "distinct shards in it"], rows)
+    print(f"\nshards per rank batch (min over {args.batches}): {min(int(r[1].replace(',', '')) for r in rows)}")
 
 # --------------------------------------------------------------------------------------------- activation memory
 
@@ -347,6 +443,22 @@ def main(argv=None):
     d.add_argument("--rounds", type=int, default=5)
     d.add_argument("--side", type=int, default=512, help="short side of the JPEGs in the shards")
     d.add_argument("--image-size", type=int, default=224)
+    lo2 = sub.add_parser("loader", help="stage-2 loader alone: peak host memory at the per-rank batch")
+    lo2.add_argument("--batch-size", type=int, default=5120, help="per-rank batch")
+    lo2.add_argument("--workers", type=int, default=4)
+    lo2.add_argument("--batches", type=int, default=3)
+    lo2.add_argument("--side", type=int, default=512, help="short side of the JPEGs in the shards")
+    lo2.add_argument("--image-size", type=int, default=224)
+    mx = sub.add_parser("mixing", help="shards per rank batch at the paper's scale (simulated sample order)")
+    mx.add_argument("--shards", type=int, default=1500)
+    mx.add_argument("--shard-size", type=int, default=10000)
+    mx.add_argument("--ranks", type=int, default=6)
+    mx.add_argument("--workers", type=int, default=4, help="train_clip.py's default --workers")
+    mx.add_argument("--global-batch", type=int, default=30720)
+    mx.add_argument("--micro-batch", type=int, default=data.MICRO_BATCH)
+    mx.add_argument("--shards-per-worker", type=int, default=data.SHARDS_PER_WORKER)
+    mx.add_argument("--buffer", type=int, default=data.SHUFFLE_BUFFER)
+    mx.add_argument("--batches", type=int, default=5)
     m = sub.add_parser("memory", help="activation memory per sample on CPU and the per-GPU batch it allows")
     m.add_argument("--mem-batches", type=int, nargs=2, default=[16, 48])
     m.add_argument("--mem-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -360,11 +472,9 @@ def main(argv=None):
     g.add_argument("--compile", action="store_true")
     g.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: from the GPU name)")
     args = p.parse_args(argv)
-    {"model": bench_model, "loss": bench_loss, "data": bench_data, "memory": bench_memory, "gpu": bench_gpu}[args.what](args)
+    {"model": bench_model, "loss": bench_loss, "data": bench_data, "loader": bench_loader, "mixing": bench_mixing,
+     "memory": bench_memory, "gpu": bench_gpu}[args.what](args)
 
-
-if __name__ == "__main__":
-    main()
 
 
 def device_augment_ms(device, n=1024, image_size=224, repeats=3):
@@ -384,3 +494,7 @@ def device_augment_ms(device, n=1024, image_size=224, repeats=3):
         times.append(time.perf_counter() - t0)
         del out
     return 1000 * min(times[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_modes_mapping
 
@@ -1079,15 +1078,30 @@ class NightsTriplets(Dataset):
 # --- Image-text data (tar shards, CSV) ---
 # Stage 2's (image, caption) pairs (PI paper §3.2), in the two layouts people have:
 #   * webdataset-style tar shards as img2dataset writes them: consecutive members {key}.jpg|png|webp, {key}.txt and an
-#     optional {key}.json, read as a stream with the standard tarfile module (TarImageText);
+#     optional {key}.json, with a {shard}_stats.json beside each (TarImageText);
 #   * a CSV/TSV file with an image-path column and a caption column (open_clip's filepath/title; CsvImageText).
-# Both hand out whole batches for one rank -- dicts with images [b, 3, H, W], tokens [b, 77] and `bad`, the samples
-# skipped on the way -- and the same number of them on every rank, so DDP ranks never wait on each other at an
-# epoch's end. Data order and each sample's augmentation are functions of (seed, epoch, position) only, so a resumed
-# run sees exactly the batches the killed one would have seen. Corrupt images, missing captions and truncated tar
-# members are skipped and counted, never fatal.
+# The CPU does only what must happen per image: DataLoader workers decode (JPEGs at the reduced DCT scale the crop
+# needs), random-resized-crop, resize and flip, and hand over uint8 [3, S, S] crops plus each sample's photometric
+# parameters (drawn from the sample's own seed). The photometric augmentations of §3.4 and the CLIP normalisation
+# run batched on the training device (device_transform). Workers make micro-batches; the main process joins
+# `items_per_step` of them, from all its workers in turn, into one rank batch, so a rank batch mixes every worker's
+# shards. Every rank takes the same number of steps, an epoch reads each sample at most once, and data order and
+# augmentation are functions of (seed, epoch, position) only, so a resumed run sees exactly the batches the killed
+# one would have seen. Corrupt images, missing captions and truncated tar members are skipped and counted.
+#
+# What is held, at the paper's scale (global batch 30,720 = 5,120 per GPU on 6 ranks, 4 workers per rank, micro-
+# batches of 256, 15M samples in 1,500 shards of 10,000, 224 px, JPEGs of ~20-90 KB):
+#   worker shuffle buffer     1,000 encoded samples          20-90 MB per worker, 80-360 MB per rank
+#   open shards per worker    16 tar streams                 file handles and 10 KB read buffers
+#   DataLoader queue          2 micro-batches per worker     8 x 256 x 150 KB = 308 MB of /dev/shm per rank
+#   rank batch (host)         5,120 x 3 x 224 x 224 uint8    771 MB (pinned on GPU), at most 2 alive at a time
+#   device                    uint8 chunk + its float copy   771 MB + 3.1 GB per 5,120 on the GPU, per chunk
+# The float images exist only on the device and only per --accum-steps chunk (see train_clip.train_step).
 # Entry point: image_text_loader(...) -> ImageTextData with .steps_per_epoch and .epoch(e, start_step, positions).
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MICRO_BATCH = 256  # samples per worker item: small items keep the DataLoader's queue small (see above)
+SHARDS_PER_WORKER = 16  # tar shards a worker reads at once, interleaved
+SHUFFLE_BUFFER = 1000  # encoded samples per worker shuffle buffer
 
 
 def stable_seed(*keys):
@@ -1114,58 +1128,18 @@ def expand_shards(spec):
     return paths
 
 
-# ---- decoding and augmentation
-
-
-class SeparableGaussianBlur(v2.GaussianBlur):
-    """v2.GaussianBlur -- same random sigma, same kernel, same reflect padding -- computed as B_h @ X @ B_w^T, where
-    B is the [n, n] matrix of the reflect-padded 1-D convolution. torchvision convolves with the full k x k kernel:
-    at k = 23 (train_transform at 224 px) that is ~5x slower on one CPU core. Equal up to float rounding."""
-
-    def transform(self, inpt, params):
-        if not isinstance(inpt, torch.Tensor) or inpt.ndim < 3:
-            return super().transform(inpt, params)  # PIL images etc.: torchvision's own kernel
-        x = inpt.as_subclass(torch.Tensor)
-        x = x if x.is_floating_point() else x.float()
-        (kx, ky), (sx, sy), (h, w) = self.kernel_size, params["sigma"], x.shape[-2:]
-        x = _blur_matrix(h, ky, sy, x.dtype) @ x @ _blur_matrix(w, kx, sx, x.dtype).T
-        if not inpt.is_floating_point():
-            x = x.round_().clamp_(0, torch.iinfo(inpt.dtype).max).to(inpt.dtype)
-        return tv_tensors.wrap(x, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else x
-
-
-def _blur_matrix(n, k, sigma, dtype):
-    """[n, n] matrix M with (M @ v)[i] = sum_t g[t] * v[reflect(i + t - k // 2)]: torchvision's Gaussian kernel g
-    (softmax of -(x / sigma)^2 on its grid) with reflect padding folded in."""
-    if k // 2 > n - 1:
-        raise ValueError(f"blur kernel {k} is too large for a side of {n} pixels")
-    lim = (k - 1) / (2.0 * 2 ** 0.5)
-    g = torch.softmax(torch.linspace(-lim, lim, k, dtype=dtype).div(sigma).pow(2).neg(), dim=0)
-    idx = (torch.arange(n)[:, None] + torch.arange(k) - k // 2).abs()  # reflect at 0 ...
-    idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)  # ... and at n - 1
-    return torch.zeros(n, n, dtype=dtype).scatter_add_(1, idx, g.expand(n, k).contiguous())
-
-
-def _with_fast_blur(t):
-    if type(t) is v2.GaussianBlur:
-        return SeparableGaussianBlur(t.kernel_size, t.sigma)
-    if isinstance(t, v2.RandomApply):
-        return v2.RandomApply([_with_fast_blur(s) for s in t.transforms], p=t.p)
-    if isinstance(t, v2.Compose):
-        return v2.Compose([_with_fast_blur(s) for s in t.transforms])
-    return t
+# ---- decoding: encoded bytes -> uint8 crop + the sample's photometric parameters
 
 
 class ImageDecoder:
     """Encoded image bytes -> transformed tensor, decoding no more JPEG pixels than the output can show.
 
-    If the transform starts with RandomResizedCrop (train_transform), the crop box is drawn -- by that transform's
-    own make_params, so with the same random numbers -- from the image size in the file header, before decoding.
-    Pillow's JPEG draft mode then decodes at the smallest DCT scale (1, 1/2, 1/4, 1/8) at which the box still
-    covers at least the output size, and Pillow crops and resizes it. If it starts with Resize(s)
-    (eval_transform), the draft keeps the short side >= s. Either way only pixels the final resize would have
-    averaged away are skipped. Gaussian blurs run separably (SeparableGaussianBlur); everything else is the
-    transform as given. PNG and WebP are decoded in full.
+    If the transform starts with RandomResizedCrop (train_crop_transform), the crop box is drawn -- by that
+    transform's own make_params, so with the same random numbers -- from the image size in the file header, before
+    decoding. Pillow's JPEG draft mode then decodes at the smallest DCT scale (1, 1/2, 1/4, 1/8) at which the box
+    still covers at least the output size, and Pillow crops and resizes it. If it starts with Resize(s)
+    (eval_crop_transform), the draft keeps the short side >= s. Either way only pixels the final resize would have
+    averaged away are skipped. The rest of the transform runs as given. PNG and WebP are decoded in full.
     """
 
     def __init__(self, transform):
@@ -1175,7 +1149,7 @@ class ImageDecoder:
         self.draft_side = None
         if isinstance(first, v2.Resize) and first.max_size is None and len(first.size or []) == 1:
             self.draft_side = first.size[0]  # Resize(s): the short side becomes s
-        self.rest = v2.Compose([_with_fast_blur(t) for t in steps])
+        self.rest = v2.Compose(steps)
 
     def __call__(self, data):
         with warnings.catch_warnings():
@@ -1213,51 +1187,89 @@ def _decoded_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")  # (convert would copy an RGB image)
 
 
-def _augment(decoder, data, seed):
-    """Run the random transform with torch's CPU generator seeded for this one sample, then put the generator back:
-    a sample's augmentation is then the same whichever worker or rank runs it, and in a resumed run.
-    (torch.manual_seed would also touch the CUDA generators: ~0.1 ms a call.)"""
+def crop_decoder(image_size, augment=True):
+    """The CPU part of stage 2's preprocessing: train_crop_transform (random crop + flip) or eval_crop_transform."""
+    return ImageDecoder((train_crop_transform if augment else eval_crop_transform)(image_size))
+
+
+def decode_sample(decoder, data, seed, augment=True):
+    """bytes -> (uint8 [3, S, S] crop, photometric parameters [PHOTOMETRIC_PARAMS] or None), with torch's CPU
+    generator seeded for this one sample and put back afterwards. The crop and flip draw first, then the photometric
+    parameters, in train_transform's order: a sample's augmentation is the same whichever worker or rank makes it,
+    and in a resumed run. (torch.manual_seed would also touch the CUDA generators: ~0.1 ms a call.)"""
     gen = torch.default_generator
     state = gen.get_state()
     gen.manual_seed(seed)
     try:
-        return decoder(data)
+        image = decoder(data)
+        return image, (draw_photometric_params(gen) if augment else None)
     finally:
         gen.set_state(state)
 
 
-def _collate(images, captions, tokenizer, context_length, bad, **extra):
-    return dict(images=torch.stack(images), tokens=tokenizer(captions, context_length=context_length),
-                bad=dict(bad), **extra)
+def _micro_batch(images, params, captions, tokenizer, context_length, bad, **extra):
+    return dict(images=torch.stack(images), params=torch.stack(params) if params and params[0] is not None else None,
+                tokens=tokenizer(captions, context_length=context_length), bad=dict(bad), **extra)
+
+
+def _split(n, parts):
+    """Sizes of n split into `parts` near-equal parts, the larger ones first."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
 
 
 # ---- webdataset-style tar shards
 
 
-def tar_samples(path, bad):
-    """The samples of one tar shard as dicts {"__key__": key, ext: bytes}, grouping consecutive members by key (the
-    file name up to its first dot, as webdataset does). A truncated or unreadable shard ends early, keeping what came
-    before; `bad` (a Counter) counts the damage."""
-    sample = {}
+def tar_samples(path, bad, start=0, stop=None):
+    """Samples start, ..., stop - 1 of one tar shard, in file order, as dicts {"__key__": key, ext: bytes}; a sample
+    is the consecutive members sharing a key (the file name up to its first dot, as webdataset groups them). The
+    members before `start` are stepped over without reading their data. A truncated or unreadable shard ends early,
+    keeping what came before; `bad` (a Counter) counts the damage."""
+    sample, index = {}, -1
     try:
-        with tarfile.open(path, "r|*") as tar:  # "|": a forward-only stream, each byte read once, no seeks
+        with tarfile.open(path, "r:*") as tar:  # seekable: skipped members' data are never read
             for member in tar:
+                tar.members = []  # tarfile keeps every header it has read: ~15 MB for a 10,000-sample shard
                 if not member.isfile():
                     continue
-                folder, name = os.path.split(member.name)
-                key, _, ext = name.partition(".")
-                key = f"{folder}/{key}" if folder else key
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                sample["__key__"] = key
-                sample[ext.lower()] = tar.extractfile(member).read()
+                key, ext = _key_and_ext(member.name)
+                if index < 0 or sample.get("__key__") != key:
+                    if len(sample) > 1:
+                        yield sample
+                    index += 1
+                    sample = {"__key__": key}
+                    if stop is not None and index >= stop:
+                        return
+                if index >= start:
+                    sample[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:  # truncated member or archive, unreadable file
         bad["truncated"] += 1
         warnings.warn(f"{path}: {type(err).__name__}: {err}; keeping the samples before it")
         sample = {}  # the sample being read is incomplete
-    if sample:
+    if index >= start and len(sample) > 1:
         yield sample
+
+
+def _key_and_ext(name):
+    folder, name = os.path.split(name)
+    key, _, ext = name.partition(".")
+    return (f"{folder}/{key}" if folder else key), ext
+
+
+def count_tar_samples(path):
+    """Samples in a tar shard, from its headers alone (seeks over the data); a damaged shard counts what precedes
+    the damage."""
+    n, last = 0, None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                tar.members = []
+                key = _key_and_ext(member.name)[0]
+                if member.isfile() and key != last:
+                    n, last = n + 1, key
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return n
 
 
 def shuffle_buffer(items, size, rng):
@@ -1274,110 +1286,185 @@ def shuffle_buffer(items, size, rng):
     yield from buf
 
 
-def _steps_of_worker(n_steps, worker, n_workers):
-    """How many of the steps 0 .. n_steps-1 fall to `worker` when step k comes from worker k % n_workers."""
-    return max(0, (n_steps - worker + n_workers - 1) // n_workers)
+def interleave(pieces, read, n_open, rng):
+    """Items of several sources at once: `n_open` of the pieces are open, and each next item comes from one of them
+    with probability proportional to the items it has left, so that the open pieces run out together (a pure
+    function of the plan and rng: the same on resume). pieces: [(source, start, stop)]; read(piece) iterates its
+    items (fewer than planned if a source is damaged)."""
+    pending, active = list(pieces), []  # active: [iterator, items left as planned]
+    while pending or active:
+        while pending and len(active) < n_open:
+            piece = pending.pop(0)
+            active.append([iter(read(piece)), piece[2] - piece[1]])
+        r, i = rng.random() * sum(left for _, left in active), 0
+        while i < len(active) - 1 and r >= active[i][1]:
+            r -= active[i][1]
+            i += 1
+        item = next(active[i][0], None)
+        if item is None or active[i][1] <= 1:
+            active.pop(i)
+        else:
+            active[i][1] -= 1
+        if item is not None:
+            yield item
 
 
 def img2dataset_sample_count(shards):
     """Sum of the "successes" in img2dataset's {shard}_stats.json files, or None if any is missing."""
-    total = 0
+    sizes = [_stats_size(path) for path in shards]
+    return None if None in sizes else sum(sizes)
+
+
+def _stats_size(path):
+    stats = re.sub(r"\.tar(\.\w+)?$", "_stats.json", path)
+    if stats == path or not os.path.isfile(stats):
+        return None
+    with open(stats) as f:
+        return int(json.load(f)["successes"])
+
+
+def shard_sizes(shards):
+    """Samples per shard: img2dataset's {shard}_stats.json "successes", or, without one, the shard's samples counted
+    from its tar headers (no image data read)."""
+    sizes = []
     for path in shards:
-        stats = re.sub(r"\.tar(\.\w+)?$", "_stats.json", path)
-        if stats == path or not os.path.isfile(stats):
-            return None
-        with open(stats) as f:
-            total += int(json.load(f)["successes"])
-    return total
+        n = _stats_size(path)
+        sizes.append(n if n is not None else count_tar_samples(path))
+    return sizes
+
+
+def item_sizes(rank_batch, n_items):
+    """Sizes of the micro-batches that make one rank batch: rank_batch split into n_items near-equal parts."""
+    return _split(rank_batch, n_items)
+
+
+def epoch_pieces(sizes, steps, rank_batch, items_per_step, world_size, n_workers, seed, epoch):
+    """Which samples each unit (rank, worker) reads in an epoch, as {unit: [(shard index, start, stop)]}.
+
+    The shards are put in an order drawn from (seed, epoch), the same on every rank, and read as one sequence of
+    sum(sizes) samples. Item j of a rank's epoch (a micro-batch) comes from worker j % n_workers, so each worker's
+    quota is known; unit u = rank * n_workers + worker takes the next contiguous range of the sequence of that
+    length. A shard split between two units is read by both, each only its own samples. The sequence's tail past
+    steps x global batch (less than one global batch) is not read this epoch."""
+    order = list(range(len(sizes)))
+    random.Random(stable_seed(seed, epoch)).shuffle(order)
+    parts = item_sizes(rank_batch, items_per_step)
+    quota = [sum(parts[j % items_per_step] for j in range(steps * items_per_step) if j % n_workers == w)
+             for w in range(n_workers)]
+    plan, shard, offset = {}, 0, 0  # offset: samples of order[shard] already given out
+    for unit in range(world_size * n_workers):
+        need, plan[unit] = quota[unit % n_workers], []
+        while need:
+            take = min(need, sizes[order[shard]] - offset)
+            if take:
+                plan[unit].append((order[shard], offset, offset + take))
+            need, offset = need - take, offset + take
+            if offset == sizes[order[shard]]:
+                shard, offset = shard + 1, 0
+    return plan
+
+
+def unit_stream(pieces, read, seed, epoch, unit, n_open, buffer_size):
+    """The endless stream of one unit: (pass, item) for the items of its pieces, interleaved and shuffled, pass
+    after pass. Pass 0 reads each sample once; a unit needs pass 1 only when its shards held fewer usable samples
+    than planned (corrupt members, stats that overcount), and then re-reads its own samples, never another unit's."""
+    for p in itertools.count():
+        rng = random.Random(stable_seed(seed, epoch, unit, p))
+        n = 0
+        for item in shuffle_buffer(interleave(pieces, read, n_open, rng), buffer_size, rng):
+            n += 1
+            yield p, item
+        if n == 0:
+            raise RuntimeError(f"no samples could be read from the shards of data unit {unit}: {pieces[:3]}...")
 
 
 class TarImageText(IterableDataset):
-    """Streaming (image, caption) batches from tar shards for one rank.
+    """Streaming micro-batches of (uint8 crop, photometric parameters, tokens) from tar shards for one rank.
 
-    Shards are dealt disjointly to the ranks x DataLoader workers: every epoch all ranks put the shard list in the
-    same order drawn from (seed, epoch) and unit u = rank * workers + worker takes shards u, u + units, ... Each unit
-    reads its shards (cycling through them again if it needs more samples) through a shuffle buffer and yields its
-    quota of batches: the epoch is `steps_per_epoch` batches per rank, whatever the shards hold, so every rank
-    takes the same number of steps. If each unit's shards hold exactly its quota, every sample is seen once.
+    Each epoch the shards are dealt to the ranks x workers as contiguous ranges of samples (epoch_pieces). A worker
+    reads `shards_per_worker` shards at once, interleaved, through a shuffle buffer, and makes the micro-batches the
+    DataLoader asks it for (item j of the rank's epoch from worker j % n_workers). A sample's augmentation is seeded
+    by (seed, epoch, shard, index in shard, pass).
 
-    Each batch reports `worker` and `pos` (how many samples of that worker's stream it has consumed); given those
-    positions, `set_epoch(e, start_step, positions)` continues an epoch exactly where a killed run left it: the
-    workers replay their streams up to there without decoding anything, then carry on.
+    Each micro-batch reports `worker` and `pos` (how many entries of that worker's stream it has consumed); given
+    those positions, `set_epoch(e, start_step, positions)` continues an epoch exactly where a killed run left it:
+    the workers replay their streams up to there without decoding anything, and without counting skips again.
     """
 
-    def __init__(self, shards, tokenizer, transform, batch_size, steps_per_epoch, rank=0, world_size=1, seed=0,
-                 buffer_size=2000, context_length=77):
+    def __init__(self, shards, tokenizer, image_size, batch_size, steps_per_epoch, rank=0, world_size=1, seed=0,
+                 buffer_size=SHUFFLE_BUFFER, context_length=77, augment=True, micro_batch=MICRO_BATCH,
+                 shards_per_worker=SHARDS_PER_WORKER, sizes=None):
         self.shards = expand_shards(shards)
         missing = [p for p in self.shards if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(self.shards)} shards do not exist, e.g. {missing[0]}")
-        self.tokenizer, self.decoder, self.context_length = tokenizer, ImageDecoder(transform), context_length
+        self.sizes = sizes if sizes is not None else shard_sizes(self.shards)
+        self.tokenizer, self.context_length, self.augment = tokenizer, context_length, augment
+        self.decoder = crop_decoder(image_size, augment)
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
-        self.rank, self.world_size, self.seed, self.buffer_size = rank, world_size, seed, buffer_size
+        self.items_per_step = math.ceil(batch_size / micro_batch)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.buffer_size, self.shards_per_worker = buffer_size, shards_per_worker
         self.set_epoch(0)
 
     def set_epoch(self, epoch, start_step=0, positions=None):
         self.epoch, self.start_step, self.positions = epoch, start_step, dict(positions or {})
 
-    def _pairs(self, unit, n_units, bad):
-        """This unit's endless stream of (image bytes, caption): its shards, in an order drawn from (seed, epoch,
-        pass), through a shuffle buffer that is emptied at the end of each pass, so that one pass yields every
-        sample once before the next pass begins."""
-        order = list(self.shards)
-        random.Random(stable_seed(self.seed, self.epoch)).shuffle(order)  # the same on every rank
-        mine = order[unit::n_units]
-        for p in itertools.count():
-            random.Random(stable_seed(self.seed, self.epoch, unit, p)).shuffle(mine)
-            samples = (s for path in mine for s in tar_samples(path, bad))
-            n = 0
-            for pair in shuffle_buffer(self._usable(samples, bad), self.buffer_size,
-                                       random.Random(stable_seed(self.seed, self.epoch, unit, p, "buffer"))):
-                n += 1
-                yield pair
-            if n == 0:
-                raise RuntimeError(f"no usable samples in the shards {mine[:3]}...")
-
-    @staticmethod
-    def _usable(samples, bad):
-        for sample in samples:
-            data = next((sample[e] for e in SHARD_IMAGE_EXTENSIONS if e in sample), None)
-            caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
-            if data is None or not caption:
-                bad["no image" if data is None else "no caption"] += 1
-                continue
-            yield data, caption
+    def _read(self, piece):
+        """(shard, index, sample dict) for the samples of one piece."""
+        shard, start, stop = piece
+        samples = tar_samples(self.shards[shard], self.bad, start, stop)
+        return ((shard, i, s) for i, s in zip(itertools.count(start), samples))
 
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        n_units = self.world_size * n_workers
-        if len(self.shards) < n_units:
-            raise ValueError(f"{len(self.shards)} shards cannot be dealt to {self.world_size} ranks x {n_workers} "
-                             f"workers: use fewer --workers or split the data into more shards")
         # The DataLoader asks its workers in turn, starting from worker 0, so after `start_step` steps worker w
-        # serves step start_step + w: it plays the part of worker (w + start_step) % n_workers of the epoch.
-        worker = (worker + self.start_step) % n_workers
-        todo = (_steps_of_worker(self.steps_per_epoch, worker, n_workers)
-                - _steps_of_worker(self.start_step, worker, n_workers))
-        if todo <= 0:
+        # makes item first + w: it plays the part of worker (w + first) % n_workers of the epoch.
+        first, n_items = self.start_step * self.items_per_step, self.steps_per_epoch * self.items_per_step
+        worker = (worker + first) % n_workers
+        items = [j for j in range(first, n_items) if j % n_workers == worker]
+        if not items:
             return
-        unit, skip = self.rank * n_workers + worker, self.positions.get(worker, 0)
-        images, captions, bad = [], [], Counter()
-        for pos, (data, caption) in enumerate(self._pairs(unit, n_units, bad)):
-            if pos < skip:
-                continue  # consumed before the checkpoint: replayed without decoding
-            try:
-                images.append(_augment(self.decoder, data, stable_seed(self.seed, self.epoch, unit, pos)))
-            except Exception:  # corrupt, truncated or unsupported image
-                bad["undecodable"] += 1
-                continue
-            captions.append(caption)
-            if len(images) == self.batch_size:
-                yield _collate(images, captions, self.tokenizer, self.context_length, bad, worker=worker, pos=pos + 1)
-                images, captions, bad = [], [], Counter()
-                todo -= 1
-                if todo == 0:
-                    return
+        unit = self.rank * n_workers + worker
+        pieces = epoch_pieces(self.sizes, self.steps_per_epoch, self.batch_size, self.items_per_step,
+                              self.world_size, n_workers, self.seed, self.epoch)[unit]
+        self.bad = Counter()  # read by _read (tar damage) and below
+        stream = unit_stream(pieces, self._read, self.seed, self.epoch, unit, self.shards_per_worker,
+                             self.buffer_size)
+        pos = self.positions.get(worker, 0)
+        for _ in range(pos):
+            next(stream)  # consumed before the checkpoint: replayed without decoding
+        self.bad.clear()  # and its skips were counted then
+        sizes = item_sizes(self.batch_size, self.items_per_step)
+        for j in items:
+            images, params, captions = [], [], []
+            while len(images) < sizes[j % self.items_per_step]:
+                p, (shard, index, sample) = next(stream)
+                pos += 1
+                decoded = self._decode(sample, stable_seed(self.seed, self.epoch, shard, index, p))
+                if decoded is not None:
+                    images.append(decoded[0])
+                    params.append(decoded[1])
+                    captions.append(decoded[2])
+                    self.bad["reread"] += p > 0
+            yield _micro_batch(images, params, captions, self.tokenizer, self.context_length, +self.bad,
+                               worker=worker, pos=pos)
+            self.bad.clear()
+
+    def _decode(self, sample, seed):
+        """(image, params, caption), or None for a counted skip."""
+        data = next((sample[e] for e in SHARD_IMAGE_EXTENSIONS if e in sample), None)
+        caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+        if data is None or not caption:
+            self.bad["no image" if data is None else "no caption"] += 1
+            return None
+        try:
+            image, params = decode_sample(self.decoder, data, seed, self.augment)
+        except Exception:  # corrupt, truncated or unsupported image
+            self.bad["undecodable"] += 1
+            return None
+        return image, params, caption
 
 
 # ---- CSV / TSV
@@ -1388,8 +1475,8 @@ class CsvImageText(Dataset):
     paths are taken from the file's folder. Rows with an empty caption are dropped here (counted in
     `no_caption`); unreadable images are replaced at load time (see GlobalBatchSampler)."""
 
-    def __init__(self, path, tokenizer, transform, img_key="filepath", caption_key="title", sep=None,
-                 context_length=77):
+    def __init__(self, path, tokenizer, image_size, img_key="filepath", caption_key="title", sep=None,
+                 context_length=77, augment=True):
         sep = sep or ("\t" if path.endswith(".tsv") else ",")
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=sep)
@@ -1402,63 +1489,70 @@ class CsvImageText(Dataset):
         self.paths = [os.path.join(root, p) for p, c in rows if c]
         self.captions = [c for _, c in rows if c]
         self.no_caption = len(rows) - len(self.captions)
-        self.tokenizer, self.decoder, self.context_length = tokenizer, ImageDecoder(transform), context_length
+        self.tokenizer, self.context_length, self.augment = tokenizer, context_length, augment
+        self.decoder = crop_decoder(image_size, augment)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, key):
-        """key = (row, substitute rows, augmentation seed) from GlobalBatchSampler -> (image, caption, #bad)."""
+        """key = (row, substitute rows, augmentation seed) from GlobalBatchSampler -> (image, params, caption, #bad)."""
         row, substitutes, seed = key
         for n_bad, i in enumerate((row, *substitutes)):
             try:
                 with open(self.paths[i], "rb") as f:
-                    return _augment(self.decoder, f.read(), seed), self.captions[i], n_bad
+                    return (*decode_sample(self.decoder, f.read(), seed, self.augment), self.captions[i], n_bad)
             except Exception:
                 continue
         raise RuntimeError(f"neither {self.paths[row]} nor its {len(substitutes)} substitutes could be read")
 
     def collate(self, items):
-        images, captions, n_bad = zip(*items)
-        return _collate(list(images), list(captions), self.tokenizer, self.context_length,
-                        {"undecodable": sum(n_bad)} if sum(n_bad) else {})
+        images, params, captions, n_bad = zip(*items)
+        return _micro_batch(list(images), list(params), list(captions), self.tokenizer, self.context_length,
+                            {"undecodable": sum(n_bad)} if sum(n_bad) else {})
 
 
 class GlobalBatchSampler:
     """Which rows each rank reads at each step, with the rank split explicit.
 
     Epoch e orders all rows by a permutation drawn from (seed, e); global batch k is positions [k*B, (k+1)*B) of
-    it and rank r reads the contiguous slice [k*B + r*b, k*B + (r+1)*b), b = B / world_size. Each sample's
-    augmentation is seeded by (seed, e, position). So the global order and the images themselves do not depend on
-    the number of ranks or workers: 2 ranks see exactly the batches one process sees, and a resumed run starts at
-    step k of the same order. The positions past the last full batch are the epoch's spare rows: a row whose image
-    cannot be read is replaced by a spare one (or, without spares, by the row one batch further on).
+    it and rank r reads the contiguous slice [k*B + r*b, k*B + (r+1)*b), b = B / world_size, as `items_per_step`
+    micro-batches. Each sample's augmentation is seeded by (seed, e, position). So the global order and the images
+    themselves do not depend on the number of ranks or workers: 2 ranks see exactly the batches one process sees,
+    and a resumed run starts at step k of the same order. The positions past the last full batch are the epoch's
+    spare rows: a row whose image cannot be read is replaced by a spare one (or, without spares, by the row one
+    batch further on).
     """
 
-    def __init__(self, n_rows, batch_size, steps_per_epoch, rank=0, world_size=1, seed=0, n_substitutes=4):
+    def __init__(self, n_rows, batch_size, steps_per_epoch, rank=0, world_size=1, seed=0, n_substitutes=4,
+                 items_per_step=1):
         self.n, self.batch_size, self.steps_per_epoch = n_rows, batch_size, steps_per_epoch
         self.rank, self.world_size, self.seed, self.n_substitutes = rank, world_size, seed, n_substitutes
+        self.items_per_step = items_per_step
         self.set_epoch(0)
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
 
     def __len__(self):
-        return self.steps_per_epoch - self.start_step
+        return (self.steps_per_epoch - self.start_step) * self.items_per_step
 
     def __iter__(self):
         order = np.random.default_rng(stable_seed(self.seed, self.epoch)).permutation(self.n)
         spare = order[self.steps_per_epoch * self.batch_size:]
         b = self.batch_size // self.world_size
         for k in range(self.start_step, self.steps_per_epoch):
-            batch = []
-            for j in range(k * self.batch_size + self.rank * b, k * self.batch_size + (self.rank + 1) * b):
-                if len(spare):
-                    subs = [spare[(j + t) % len(spare)] for t in range(min(self.n_substitutes, len(spare)))]
-                else:
-                    subs = [order[(j + t * self.batch_size) % self.n] for t in range(1, self.n_substitutes + 1)]
-                batch.append((int(order[j]), tuple(int(s) for s in subs), stable_seed(self.seed, self.epoch, j)))
-            yield batch
+            start = k * self.batch_size + self.rank * b
+            for size in item_sizes(b, self.items_per_step):
+                yield [self._row(j, order, spare) for j in range(start, start + size)]
+                start += size
+
+    def _row(self, j, order, spare):
+        if len(spare):
+            subs = [spare[(j + t) % len(spare)] for t in range(min(self.n_substitutes, len(spare)))]
+        else:
+            subs = [order[(j + t * self.batch_size) % self.n] for t in range(1, self.n_substitutes + 1)]
+        return int(order[j]), tuple(int(s) for s in subs), stable_seed(self.seed, self.epoch, j)
 
 
 # ---- one entry point for train_clip.py
@@ -1468,58 +1562,82 @@ def is_csv(spec):
     return isinstance(spec, str) and spec.lower().endswith((".csv", ".tsv"))
 
 
-class ImageTextData:
-    """Per-epoch DataLoaders over tar shards or a CSV for one rank (made by image_text_loader)."""
+def join_micro_batches(items, pin_memory=False):
+    """One rank batch from its micro-batches: images stay uint8, copied once into (pinned) host memory so that the
+    copy to the GPU can be non-blocking; `positions` are the tar workers' stream positions after this batch."""
+    n, first = sum(len(it["tokens"]) for it in items), items[0]["images"]
+    images = torch.empty((n, *first.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
+    torch.cat([it["images"] for it in items], out=images)
+    params = None if items[0]["params"] is None else torch.cat([it["params"] for it in items])
+    bad = Counter()
+    for it in items:
+        bad.update(it["bad"])
+    return dict(images=images, params=params, tokens=torch.cat([it["tokens"] for it in items]), bad=dict(bad),
+                positions={it["worker"]: it["pos"] for it in items if "worker" in it})
 
-    def __init__(self, dataset, sampler, steps_per_epoch, samples_per_epoch, workers, pin_memory):
+
+class ImageTextData:
+    """Per-epoch rank batches over tar shards or a CSV for one rank (made by image_text_loader)."""
+
+    def __init__(self, dataset, sampler, steps_per_epoch, samples_per_epoch, workers, pin_memory, items_per_step):
         self.dataset, self.sampler, self.workers, self.pin_memory = dataset, sampler, workers, pin_memory
-        self.steps_per_epoch, self.samples_per_epoch = steps_per_epoch, samples_per_epoch
+        self.steps_per_epoch, self.samples_per_epoch, self.items_per_step = (steps_per_epoch, samples_per_epoch,
+                                                                             items_per_step)
         self.kind = "csv" if sampler is not None else "tar"
 
     def epoch(self, epoch, start_step=0, positions=None):
-        """The batches of `epoch` from step `start_step` on (positions: the last `worker -> pos` of each tar
-        worker before start_step, as reported in the batches; ignored for CSV)."""
-        kw = dict(num_workers=self.workers, pin_memory=self.pin_memory, persistent_workers=False)
+        """The rank batches of `epoch` from step `start_step` on (positions: the last `worker -> pos` of each tar
+        worker before start_step, as reported in the batches' `positions`; ignored for CSV)."""
+        kw = dict(num_workers=self.workers, persistent_workers=False)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch, start_step)
-            return DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.dataset.collate, **kw)
-        units = self.dataset.world_size * max(1, self.workers)
-        if len(self.dataset.shards) < units:  # (the workers check too; failing here is quicker)
-            raise ValueError(f"{len(self.dataset.shards)} shards cannot be dealt to {self.dataset.world_size} ranks "
-                             f"x {max(1, self.workers)} workers: use fewer --workers or split the data into more "
-                             f"shards")
-        self.dataset.set_epoch(epoch, start_step, positions)
-        return DataLoader(self.dataset, batch_size=None, **kw)
+            loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.dataset.collate, **kw)
+        else:
+            self.dataset.set_epoch(epoch, start_step, positions)
+            loader = DataLoader(self.dataset, batch_size=None, **kw)
+        items = iter(loader)
+        for _ in range(start_step, self.steps_per_epoch):
+            yield join_micro_batches([next(items) for _ in range(self.items_per_step)], self.pin_memory)
 
 
-def image_text_loader(data, tokenizer, transform, batch_size, rank=0, world_size=1, workers=4, seed=0,
-                      samples_per_epoch=None, buffer_size=2000, csv_img_key="filepath", csv_caption_key="title",
-                      csv_sep=None, context_length=77, pin_memory=False):
-    """Image-text batches for one rank. `data`: a .csv/.tsv file, or tar shards ('dir/{00000..01499}.tar', a list,
-    or patterns joined by '::'). `batch_size` is the GLOBAL batch; each rank gets batch_size / world_size samples
-    per step. An epoch is samples_per_epoch // batch_size steps (the last partial batch is dropped);
-    samples_per_epoch defaults to the CSV's rows with a caption, or for shards to the sum of img2dataset's
-    *_stats.json "successes"."""
+def image_text_loader(data, tokenizer, image_size, batch_size, rank=0, world_size=1, workers=4, seed=0,
+                      samples_per_epoch=None, buffer_size=SHUFFLE_BUFFER, csv_img_key="filepath",
+                      csv_caption_key="title", csv_sep=None, context_length=77, pin_memory=False, augment=True,
+                      micro_batch=MICRO_BATCH, shards_per_worker=SHARDS_PER_WORKER):
+    """Image-text batches for one rank: dicts with images (uint8 [b, 3, S, S]), params ([b, PHOTOMETRIC_PARAMS] for
+    device_transform, or None without augmentation), tokens [b, 77], bad (skips by kind) and, for tar shards,
+    positions. `data`: a .csv/.tsv file, or tar shards ('dir/{00000..01499}.tar', a list, or patterns joined by
+    '::'). `batch_size` is the GLOBAL batch; each rank gets batch_size / world_size samples per step. An epoch is
+    samples_per_epoch // batch_size steps (at most one global batch is left out); samples_per_epoch defaults to, and
+    is at most, the CSV's rows with a caption, or the shards' samples (img2dataset's *_stats.json "successes", or
+    counted from the tar headers)."""
     if batch_size % world_size:
         raise ValueError(f"the global batch {batch_size} is not divisible by the {world_size} ranks")
     per_rank = batch_size // world_size
+    items_per_step = math.ceil(per_rank / micro_batch)
     if is_csv(data):
-        ds = CsvImageText(data, tokenizer, transform, csv_img_key, csv_caption_key, csv_sep, context_length)
+        ds = CsvImageText(data, tokenizer, image_size, csv_img_key, csv_caption_key, csv_sep, context_length, augment)
         if ds.no_caption:
             warnings.warn(f"{data}: skipped {ds.no_caption} rows without a caption")
-        samples_per_epoch = min(samples_per_epoch or len(ds), len(ds))
-        steps = samples_per_epoch // batch_size
-        sampler = GlobalBatchSampler(len(ds), batch_size, steps, rank, world_size, seed)
+        available = len(ds)
     else:
         shards = expand_shards(data)
-        samples_per_epoch = samples_per_epoch or img2dataset_sample_count(shards)
-        if not samples_per_epoch:
-            raise ValueError("cannot tell how many samples the shards hold (no img2dataset *_stats.json beside "
-                             "them): pass --train-num-samples")
-        steps = samples_per_epoch // batch_size
-        ds = TarImageText(shards, tokenizer, transform, per_rank, steps, rank, world_size, seed, buffer_size,
-                          context_length)
-        sampler = None
+        missing = [p for p in shards if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}")
+        sizes = shard_sizes(shards)
+        available = sum(sizes)
+    if samples_per_epoch and samples_per_epoch > available:
+        warnings.warn(f"{data} holds {available} samples, fewer than the {samples_per_epoch} asked for per epoch: "
+                      f"an epoch reads each sample at most once, so it is {available} samples")
+    samples_per_epoch = min(samples_per_epoch or available, available)
+    steps = samples_per_epoch // batch_size
     if steps < 1:
         raise ValueError(f"an epoch of {samples_per_epoch} samples holds no full batch of {batch_size}")
-    return ImageTextData(ds, sampler, steps, samples_per_epoch, workers, pin_memory)
+    if is_csv(data):
+        sampler = GlobalBatchSampler(len(ds), batch_size, steps, rank, world_size, seed, items_per_step=items_per_step)
+    else:
+        ds = TarImageText(shards, tokenizer, image_size, per_rank, steps, rank, world_size, seed, buffer_size,
+                          context_length, augment, micro_batch, shards_per_worker, sizes)
+        sampler = None
+    return ImageTextData(ds, sampler, steps, samples_per_epoch, workers, pin_memory, items_per_step)

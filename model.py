@@ -14,6 +14,7 @@ weights move between this file and theirs with `load_state_dict(strict=True)` in
 """
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -410,6 +411,9 @@ def save_checkpoint(obj, path):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; a checkpoint gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -540,18 +544,21 @@ def autocast(device, precision=None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a plain single process."""
+def setup_distributed(timeout_minutes=None):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a plain single process. The GPU is the LOCAL
+    rank's (the GPUs of this node); the data shard is the GLOBAL rank's (Dist.rank). timeout_minutes: how long a
+    collective may wait for the other ranks before the job fails (None: torch's default, 10 minutes for NCCL)."""
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    timeout = {} if timeout_minutes is None else dict(timeout=datetime.timedelta(minutes=timeout_minutes))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **timeout)
     return Dist(rank, world, local, device)
 
 
@@ -562,13 +569,13 @@ def cleanup_distributed():
 
 class JsonlLogger:
     """One JSON object per line (easy to plot with pandas or jq); only rank 0 writes; every line is flushed so
-    nothing is lost when a run dies. Appends, so a resumed run continues the same file."""
+    nothing is lost when a run dies. A fresh run starts a new file; a resumed one (resume=True) appends to it."""
 
-    def __init__(self, path, enabled=True):
+    def __init__(self, path, enabled=True, resume=False):
         self.file = None
         if enabled and path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.file = open(path, "a")
+            self.file = open(path, "a" if resume else "w")
 
     def log(self, **record):
         if self.file:

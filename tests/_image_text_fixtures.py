@@ -1,9 +1,9 @@
 """Small real image-text datasets for tests/test_image_text_data.py and tests/test_clip_training.py: tar shards in
 img2dataset's layout and a CSV, with deliberately broken samples, plus a tokenizer learned from their captions."""
 import csv
+import functools
 import io
 import os
-import tarfile
 
 import numpy as np
 from PIL import Image
@@ -18,6 +18,7 @@ def caption(i):
     return f"a {COLOURS[i % 8]} {ANIMALS[(i // 8) % 8]} number {i}"
 
 
+@functools.lru_cache(maxsize=None)
 def image_bytes(i, fmt="JPEG", size=(48, 40)):
     """A distinct smooth-ish picture per i (random blobs, upsampled) encoded as `fmt`."""
     rng = np.random.default_rng(i)
@@ -29,18 +30,27 @@ def image_bytes(i, fmt="JPEG", size=(48, 40)):
 
 
 def write_shard(path, members):
-    """members: (name, bytes) in order."""
-    with tarfile.open(path, "w") as tar:
+    """members: (name, bytes) in order, written as a plain ustar archive (what tarfile writes for short names,
+    without its per-member overhead: the mixing test writes 60,000 members)."""
+    with open(path, "wb") as f:
         for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+            f.write(ustar_header(name, len(payload)) + payload + b"\0" * (-len(payload) % 512))
+        f.write(b"\0" * 1024)  # end-of-archive marker
 
 
-def good(i, fmt="JPEG"):
+def ustar_header(name, size):
+    fields = [name.encode().ljust(100, b"\0"), b"0000644\0", b"0000000\0", b"0000000\0", b"%011o\0" % size,
+              b"00000000000\0", b" " * 8, b"0", b"\0" * 100, b"ustar\x0000", b"\0" * 32, b"\0" * 32,
+              b"0000000\0", b"0000000\0", b"\0" * 155]
+    header = b"".join(fields).ljust(512, b"\0")
+    checksum = b"%06o\0 " % sum(header)  # computed with the checksum field as 8 spaces
+    return header[:148] + checksum + header[156:]
+
+
+def good(i, fmt="JPEG", size=(48, 40)):
     ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
     key = f"{i:09d}"
-    return [(f"{key}.{ext}", image_bytes(i, fmt)), (f"{key}.txt", caption(i).encode()),
+    return [(f"{key}.{ext}", image_bytes(i, fmt, size)), (f"{key}.txt", caption(i).encode()),
             (f"{key}.json", b'{"key": "%s"}' % key.encode())]
 
 
@@ -66,11 +76,17 @@ def broken_shards(root):
     return os.path.join(root, "{00000..00003}.tar"), set(range(12))
 
 
-def plain_shards(root, n_shards, per_shard, start=0):
+def plain_shards(root, n_shards, per_shard, start=0, image_size=(48, 40), stats=False):
+    """Shards of good samples with ids start, start + 1, ... (per_shard in each); stats: write img2dataset's
+    {shard}_stats.json beside each."""
     os.makedirs(root, exist_ok=True)
     for n in range(n_shards):
-        members = [m for i in range(start + n * per_shard, start + (n + 1) * per_shard) for m in good(i)]
+        ids = range(start + n * per_shard, start + (n + 1) * per_shard)
+        members = [m for i in ids for m in good(i, size=image_size)]
         write_shard(os.path.join(root, f"{n:05d}.tar"), members)
+        if stats:
+            with open(os.path.join(root, f"{n:05d}_stats.json"), "w") as f:
+                f.write('{"successes": %d}' % per_shard)
     return os.path.join(root, "{%05d..%05d}.tar" % (0, n_shards - 1))
 
 
