@@ -1099,6 +1099,12 @@ class NightsTriplets(Dataset):
 # The float images exist only on the device and only per --accum-steps chunk (see train_clip.train_step).
 # Entry point: image_text_loader(...) -> ImageTextData with .steps_per_epoch and .epoch(e, start_step, positions).
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Why a sample was skipped, as counted in each batch's "bad" and summed over ranks in train_clip's log.jsonl
+NO_IMAGE, NO_CAPTION, UNDECODABLE, TRUNCATED = "no image", "no caption", "undecodable", "truncated"
+SKIPS = (NO_IMAGE, NO_CAPTION, UNDECODABLE, TRUNCATED)
+# Not a skip: a sample a tar worker read a second time in one epoch because its shards held fewer usable samples than
+# their _stats.json said (so that every rank still takes the same number of steps; see unit_stream)
+REREAD = "reread"
 MICRO_BATCH = 256  # samples per worker item: small items keep the DataLoader's queue small (see above)
 SHARDS_PER_WORKER = 16  # tar shards a worker reads at once, interleaved
 SHUFFLE_BUFFER = 1000  # encoded samples per worker shuffle buffer
@@ -1243,7 +1249,7 @@ def tar_samples(path, bad, start=0, stop=None):
                 if index >= start:
                     sample[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:  # truncated member or archive, unreadable file
-        bad["truncated"] += 1
+        bad[TRUNCATED] += 1
         warnings.warn(f"{path}: {type(err).__name__}: {err}; keeping the samples before it")
         sample = {}  # the sample being read is incomplete
     if index >= start and len(sample) > 1:
@@ -1447,7 +1453,7 @@ class TarImageText(IterableDataset):
                     images.append(decoded[0])
                     params.append(decoded[1])
                     captions.append(decoded[2])
-                    self.bad["reread"] += p > 0
+                    self.bad[REREAD] += p > 0
             yield _micro_batch(images, params, captions, self.tokenizer, self.context_length, +self.bad,
                                worker=worker, pos=pos)
             self.bad.clear()
@@ -1457,12 +1463,12 @@ class TarImageText(IterableDataset):
         data = next((sample[e] for e in SHARD_IMAGE_EXTENSIONS if e in sample), None)
         caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
         if data is None or not caption:
-            self.bad["no image" if data is None else "no caption"] += 1
+            self.bad[NO_IMAGE if data is None else NO_CAPTION] += 1
             return None
         try:
             image, params = decode_sample(self.decoder, data, seed, self.augment)
         except Exception:  # corrupt, truncated or unsupported image
-            self.bad["undecodable"] += 1
+            self.bad[UNDECODABLE] += 1
             return None
         return image, params, caption
 
@@ -1509,7 +1515,7 @@ class CsvImageText(Dataset):
     def collate(self, items):
         images, params, captions, n_bad = zip(*items)
         return _micro_batch(list(images), list(params), list(captions), self.tokenizer, self.context_length,
-                            {"undecodable": sum(n_bad)} if sum(n_bad) else {})
+                            {UNDECODABLE: sum(n_bad)} if sum(n_bad) else {})
 
 
 class GlobalBatchSampler:

@@ -661,7 +661,7 @@ def add_renamed(p, old, new, dest, type=str):
     p.add_argument(old, dest=dest, type=type, action=_Renamed, new_flag=new, help=argparse.SUPPRESS)
 
 
-def add_run_args(p, data_help, workers=8, model="ViT-B-32"):
+def add_run_args(p, data_help, workers=8, model="ViT-B-32", save_every_steps=0):
     """Flags about running, the same in every training script."""
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--out", required=True, help="output folder")
@@ -674,9 +674,9 @@ def add_run_args(p, data_help, workers=8, model="ViT-B-32"):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     p.add_argument("--no-augment", action="store_true", help="train without the §3.4 augmentations")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
-    p.add_argument("--save-every-steps", type=int, default=0,
+    p.add_argument("--save-every-steps", type=int, default=save_every_steps,
                    help="also write state.pt every N optimiser steps (it is always written after each epoch)")
-    p.add_argument("--stop-after-steps", type=int, default=0,
+    p.add_argument("--stop-after-steps", type=int, default=None,
                    help="write state.pt and stop after this many optimiser steps in total (the schedule still spans "
                         "--epochs); --resume continues exactly where it stopped. For time-limited jobs and tests")
     p.add_argument("--dist-timeout", type=float, default=60.0,

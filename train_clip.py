@@ -28,6 +28,7 @@ import os
 import time
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -35,82 +36,74 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (CLIP, CLIPConfig, JsonlLogger, adamw, autocast, check_finite, cleanup_distributed, clip_loss,
-                   cosine_lr, load_state_dict_checked, resume_training_state, save_checkpoint, setup_distributed, training_state)
+from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_renamed, add_run_args, autocast,
+                   check_finite, cleanup_distributed, clip_loss, cosine_lr, load_state_dict_checked, preset_config,
+                   resume_training_state, save_checkpoint, setup_distributed, training_state)
 
-SKIP_KINDS = ("no image", "no caption", "undecodable", "truncated")  # as counted by the data loaders
-# "reread": samples a tar worker read a second time in one epoch because its shards held fewer usable samples than
-# their _stats.json said (so that every rank still takes the same number of steps; see data.unit_stream)
-COUNTS = SKIP_KINDS + ("reread",)
+COUNTS = data.SKIPS + (data.REREAD,)  # the data loaders' counters that log.jsonl reports, summed over ranks
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_run_args(p, data_help="tar shards ('dir/{00000..01499}.tar', or patterns joined by '::') or a .csv/.tsv "
+                              "file with image paths and captions", workers=4, save_every_steps=100)
+    add_renamed(p, "--train-data", "--data", "data")
     # data
-    a("--train-data", required=True, help="tar shards ('dir/{00000..01499}.tar', or patterns joined by '::') "
-                                           "or a .csv/.tsv file with image paths and captions")
-    a("--train-num-samples", type=int, default=None,
-      help="samples per epoch (default: the CSV's rows, or the sum of img2dataset's *_stats.json)")
-    a("--csv-img-key", default="filepath", help="CSV column with the image path (open_clip's name)")
-    a("--csv-caption-key", default="title", help="CSV column with the caption (open_clip's name)")
-    a("--csv-separator", default=None, help="default: tab for .tsv, comma otherwise")
-    a("--merges", default=None, help="BPE merges file (bpe_simple_vocab_16e6.txt.gz, or one from data.learn_bpe)")
-    a("--no-augment", action="store_true", help="resize + centre crop only, no §3.4 augmentations")
-    a("--workers", type=int, default=4, help="DataLoader workers per rank (ours)")
-    a("--shuffle-buffer", type=int, default=data.SHUFFLE_BUFFER, help="tar samples per worker shuffle buffer (ours)")
-    a("--shards-per-worker", type=int, default=data.SHARDS_PER_WORKER,
-      help="tar shards each worker reads at once, interleaved, so that a batch mixes many shards (ours)")
-    a("--micro-batch", type=int, default=data.MICRO_BATCH,
-      help="samples per worker item; a rank batch joins items from all workers (ours; bounds the loader's memory)")
+    p.add_argument("--train-num-samples", type=int, default=None,
+                   help="samples per epoch (default: the CSV's rows, or the sum of img2dataset's *_stats.json)")
+    p.add_argument("--csv-img-key", default="filepath", help="CSV column with the image path (open_clip's name)")
+    p.add_argument("--csv-caption-key", default="title", help="CSV column with the caption (open_clip's name)")
+    p.add_argument("--csv-separator", default=None, help="default: tab for .tsv, comma otherwise")
+    p.add_argument("--merges", default=None,
+                   help="BPE merges file (bpe_simple_vocab_16e6.txt.gz, or one from data.learn_bpe)")
+    p.add_argument("--shuffle-buffer", type=int, default=data.SHUFFLE_BUFFER, help="tar samples per worker buffer")
+    p.add_argument("--shards-per-worker", type=int, default=data.SHARDS_PER_WORKER,
+                   help="tar shards each worker reads at once, interleaved, so that a batch mixes many shards")
+    p.add_argument("--micro-batch", type=int, default=data.MICRO_BATCH,
+                   help="samples per worker item; a rank batch joins items from all workers (bounds loader memory)")
     # model
-    a("--model", choices=["vit-b-32", "tiny"], default="vit-b-32", help="ViT-B/32 as in the paper (§3.1, §3.4)")
-    a("--init", default=None,
-      help="stage-1 checkpoint: loads exactly its visual.* tensors; the text tower stays random")
-    a("--logit-scale-init", type=float, default=100.0,
-      help="initial exp(logit_scale): the paper's ln(100) init (§3.4); CLIP's own is 1/0.07 = 14.29")
-    a("--logit-scale-max", type=float, default=100.0,
-      help="clamp exp(logit_scale) to at most this after each step (CLIP's rule, kept by open_clip; the PI paper "
-           "does not say)")
-    a("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
-    a("--compile", action="store_true", help="torch.compile the model (GPU)")
-    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
-    # optimisation
-    a("--epochs", type=int, default=32, help="the paper's 32 epochs of YFCC15M (§3.2)")
-    a("--batch-size", type=int, default=30720, help="GLOBAL batch, the paper's 30,720 (§3.4)")
-    a("--accum-steps", type=int, default=1,
-      help="split each rank's share into this many chunks; the loss and gradient stay those of the full batch")
-    a("--lr", type=float, default=5e-4, help="peak learning rate (ours: open_clip's ViT-B/32 value)")
-    a("--warmup", type=int, default=2000, help="linear warm-up steps, then cosine decay to 0 (ours)")
-    a("--wd", type=float, default=0.2, help="AdamW weight decay on matrices and embeddings (ours: open_clip's)")
-    a("--beta1", type=float, default=0.9, help="AdamW beta1 (ours: open_clip's)")
-    a("--beta2", type=float, default=0.98, help="AdamW beta2 (ours: open_clip's / CLIP paper's)")
-    a("--eps", type=float, default=1e-6, help="AdamW eps (ours: open_clip's / CLIP paper's)")
+    p.add_argument("--init", default=None,
+                   help="stage-1 checkpoint: loads exactly its visual.* tensors; the text tower stays random")
+    p.add_argument("--logit-scale-init", type=float, default=100.0,
+                   help="initial exp(logit_scale): the paper's ln(100) init (§3.4); CLIP's own is 1/0.07 = 14.29")
+    p.add_argument("--logit-scale-max", type=float, default=100.0,
+                   help="clamp exp(logit_scale) after each step (CLIP's rule, kept by open_clip; the PI paper does "
+                        "not say)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    # the recipe: epochs and batch are the paper's; it gives no optimiser settings, so these are open_clip's
+    add_recipe_args(p, epochs=(32, "PI paper §3.2"), batch_size=(30720, "PI paper §3.4"),
+                    lr=(5e-4, "ours: open_clip's ViT-B/32 value"), weight_decay=(0.2, "ours: open_clip's"),
+                    warmup_steps=(2000, "ours: open_clip's; cosine decay to 0 after it"),
+                    beta1=(0.9, "ours: open_clip's"), beta2=(0.98, "ours: open_clip's, CLIP paper's"),
+                    eps=(1e-6, "ours: open_clip's, CLIP paper's"))
+    add_renamed(p, "--warmup", "--warmup-steps", "warmup_steps", type=int)
+    p.add_argument("--accum-steps", type=int, default=1,
+                   help="split each rank's share into this many chunks; the loss and gradient stay those of the "
+                        "full batch")
     # run
-    a("--out", default="runs/clip")
-    a("--seed", type=int, default=0)
-    a("--resume", action="store_true", help="continue from <out>/state.pt")
-    a("--save-every", type=int, default=100, help="write <out>/state.pt every this many steps")
-    a("--log-every", type=int, default=1)
-    a("--stop-after-steps", type=int, default=None,
-      help="exit after this many steps in total WITHOUT saving (a stand-in for a crash, for tests)")
-    a("--zeroshot", default=None, help="classification set(s) for a zero-shot check at each epoch end, comma-separated "
-                                       "names evaluate.py knows (e.g. imagenet1k,cifar10)")
-    a("--zeroshot-root", default=".", help="evaluate.py's --data-root: one folder per set")
-    a("--dist-timeout", type=float, default=60,
-      help="minutes a collective may wait for the other ranks; they wait at the epoch-end barrier while rank 0 writes "
-           "the checkpoint and runs the --zeroshot check (torch's NCCL default, 10 minutes, can be too short)")
+    p.add_argument("--log-every", type=int, default=1, help="steps per line of log.jsonl")
+    p.add_argument("--zeroshot", default=None,
+                   help="classification set(s) for a zero-shot check at each epoch end, comma-separated names "
+                        "evaluate.py knows (e.g. imagenet1k,cifar10)")
+    p.add_argument("--zeroshot-root", default=".", help="evaluate.py's --data-root: one folder per set")
     return p.parse_args(argv)
 
 
-def device_images(images, params, device):
+def device_images(images, params, device, chunk=1024):
     """A chunk of the rank batch as the model's input: uint8 crops (pinned host memory on GPU) are copied to the
     device without blocking and augmented there with their own photometric parameters (data.device_transform,
-    batched). Float images are taken as already preprocessed."""
+    batched). The augmentation's working memory is a few times its float output, so it runs `chunk` images at a
+    time (~3 GB at 1,024 x 224 px) instead of 15+ GB for 5,120 at once. Float images are taken as preprocessed."""
     if images.is_floating_point():
         return images.to(device)
+    images = images.to(device, non_blocking=True)
     params = None if params is None else params.to(device, non_blocking=True)
-    return data.device_transform(images.to(device, non_blocking=True), params)
+    if params is None or len(images) <= chunk:
+        return data.device_transform(images, params)
+    out = torch.empty(images.shape, dtype=torch.float32, device=device)
+    for start in range(0, len(images), chunk):  # filled in place: no second copy of the float batch
+        out[start:start + chunk] = data.device_transform(images[start:start + chunk], params[start:start + chunk])
+    return out
 
 
 def train_step(model, images, tokens, accum_steps, autocast, params=None):
@@ -196,143 +189,194 @@ def zero_shot_check(model, tokenizer, names, args):
     return results
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# The pieces of a run: model, state (fresh or resumed), one optimiser step, logging, checkpoints
+
+
+def build_model(args, vocab_size, device):
+    """CLIP with the tokenizer's vocabulary and the paper's logit-scale init; with --init, stage 1's vision tower
+    (a checkpoint of another architecture is an error naming the keys)."""
+    cfg = preset_config(args.model, vocab_size=vocab_size, logit_scale_init=math.log(args.logit_scale_init),
+                        grad_checkpointing=args.grad_checkpointing)
+    model = CLIP(cfg)
+    if args.init and not args.resume:
+        load_state_dict_checked(model.visual, args.init, prefix="visual.", what=f"--init {args.init}")
+    return model.to(device)
+
+
+@dataclass
+class Progress:
+    """What a run carries from step to step, and through state.pt across a restart."""
+    step: int = 0
+    positions: dict = field(default_factory=dict)  # tar worker -> samples of its stream consumed this epoch
+    skipped: Counter = field(default_factory=Counter)  # this rank's counters of COUNTS
+    last_good: str = None  # the newest state.pt, named when a non-finite loss stops the run
+
+
+def start_or_resume(args, model, optimizer, state_path, loader, d):
+    """A fresh Progress, or the one state.pt holds (weights and optimiser restored into model and optimizer)."""
+    if not args.resume:
+        if os.path.exists(state_path):  # never overwrite a run's state by accident
+            raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
+        return Progress()
+    state = resume_training_state(state_path, model, optimizer)
+    progress = Progress(state["step"], skipped=rank_counts(state.get("skipped", []), d.rank, d.world_size),
+                        last_good=state_path)
+    saved = state.get("data", {})
+    if (saved.get("world_size"), saved.get("workers")) == (d.world_size, args.workers):
+        progress.positions = saved["positions"][d.rank]
+    elif loader.kind == "tar" and progress.step % loader.steps_per_epoch:
+        print(f"resuming with {d.world_size} ranks x {args.workers} workers instead of {saved.get('world_size')} x "
+              f"{saved.get('workers')}: the rest of this epoch is read from the start of the shards")
+    return progress
+
+
+def save_state(state_path, model, optimizer, progress, args, d):
+    """Every rank calls this (it gathers each rank's data positions and skip counters); rank 0 writes."""
+    mine = (progress.positions, dict(progress.skipped))
+    per_rank = [mine]
+    if dist.is_initialized():
+        per_rank = [None] * d.world_size
+        dist.all_gather_object(per_rank, mine)
+    state = training_state(model, optimizer, progress.step, skipped=[s for _, s in per_rank], args=vars(args),
+                           config=dataclasses.asdict(model.config),
+                           data=dict(world_size=d.world_size, workers=args.workers, positions=[p for p, _ in per_rank]))
+    if d.is_main:
+        save_checkpoint(state, state_path)
+    progress.last_good = state_path
+
+
+def optimizer_step(model, raw, optimizer, batch, amp, args, progress, d):
+    """One step of eq. 3 on the global batch. The uint8 images stay on the host: train_step moves and augments them
+    chunk by chunk. Returns the full-batch loss (the mean over ranks)."""
+    tokens = batch["tokens"].to(d.device, non_blocking=True)
+    loss = train_step(model, batch["images"], tokens, args.accum_steps, amp, params=batch["params"])
+    # checking the all-rank loss on every rank stops all of them together, before the optimiser touches the
+    # weights, so the last state.pt stays the last good state
+    loss = all_ranks_sum([loss.item()], d.device)[0] / d.world_size
+    check_finite(torch.tensor(loss), progress.step + 1, progress.last_good)  # numbered as in the log
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # CLIP's clamp of the learned temperature
+        raw.logit_scale.clamp_(0, math.log(args.logit_scale_max))
+    progress.step += 1
+    progress.positions.update(batch["positions"])
+    progress.skipped.update(batch["bad"])
+    return loss
+
+
+@dataclass
+class Meter:
+    """Wall time since the last log line, and how much of it the loop spent waiting for data."""
+    since: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+
+    def read_and_reset(self):
+        now = time.perf_counter()
+        seconds, wait = now - self.since, self.wait
+        self.since, self.wait = now, 0.0
+        return seconds, wait / max(seconds, 1e-9)
+
+
+def log_step(logger, bar, raw, progress, epoch, loss, lr, meter, args, d):
+    """One log.jsonl line: loss, learning rate, temperature, throughput, data wait, all-rank skip counts."""
+    counts = dict(zip(COUNTS, map(int, all_ranks_sum([progress.skipped[k] for k in COUNTS], d.device))))
+    seconds, data_wait = meter.read_and_reset()
+    record = dict(step=progress.step, epoch=epoch, samples=progress.step * args.batch_size, loss=loss, lr=lr,
+                  logit_scale=raw.logit_scale.exp().item(), samples_per_s=args.log_every * args.batch_size / seconds,
+                  data_wait=data_wait, skipped={k: counts[k] for k in data.SKIPS}, reread=counts[data.REREAD])
+    logger.log(**record)
+    bar.set_postfix(loss=f"{loss:.4f}", scale=f"{record['logit_scale']:.1f}", wait=f"{data_wait:.0%}",
+                    skipped=sum(record["skipped"].values()))
+
+
+def end_of_epoch(epoch, raw, optimizer, progress, logger, tokenizer, zeroshot, state_path, args, d):
+    """epoch_<n>.pt and its zero-shot check first, state.pt last: a run killed in between resumes from the previous
+    state.pt and redoes them, instead of skipping them for good."""
+    progress.positions = {}  # the next epoch's streams start from their beginning
+    if d.is_main:
+        save_checkpoint(raw.state_dict(), os.path.join(args.out, f"epoch_{epoch}.pt"))
+        record = dict(epoch=epoch, step=progress.step, samples=progress.step * args.batch_size)
+        if zeroshot:
+            record["zeroshot"] = zero_shot_check(raw, tokenizer, zeroshot, args)
+        logger.log(**record)
+    save_state(state_path, raw, optimizer, progress, args, d)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait for the checkpoint and the zero-shot check (--dist-timeout)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The training loop
+
+
 def main(argv=None):
     args = get_args(argv)
-    d = setup_distributed(args.dist_timeout)
+    d = setup_distributed(timeout_minutes=args.dist_timeout)
     amp = autocast(d.device, args.precision)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (the loss) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-
     zeroshot = []
     if args.zeroshot:  # check the names now, not after the first epoch
         import evaluate
         zeroshot = evaluate.parse_names(args.zeroshot, evaluate.BENCHMARKS, "--zeroshot set")
-    tokenizer = data.Tokenizer(args.merges)
-    make_config = CLIPConfig.tiny if args.model == "tiny" else CLIPConfig
-    cfg = make_config(vocab_size=tokenizer.vocab_size, logit_scale_init=math.log(args.logit_scale_init),
-                      grad_checkpointing=args.grad_checkpointing)
-    raw = CLIP(cfg)
-    if args.init and not args.resume:  # stage 1's vision tower; a checkpoint of another architecture is an error
-        load_state_dict_checked(raw.visual, args.init, prefix="visual.", what=f"--init {args.init}")
-    raw.to(d.device)
-    optimizer = adamw(raw, args.lr, weight_decay=args.wd, betas=(args.beta1, args.beta2), eps=args.eps)
 
-    world = d.world_size
-    if args.batch_size % (world * args.accum_steps):
-        raise ValueError(f"--batch-size {args.batch_size} must divide into {world} ranks x {args.accum_steps} chunks")
+    tokenizer = data.Tokenizer(args.merges)
+    raw = build_model(args, tokenizer.vocab_size, d.device)
+    optimizer = adamw(raw, args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2), eps=args.eps)
+    if args.batch_size % (d.world_size * args.accum_steps):
+        raise ValueError(f"--batch-size {args.batch_size} must divide into {d.world_size} ranks x "
+                         f"{args.accum_steps} chunks")
     loader = data.image_text_loader(
-        args.train_data, tokenizer, cfg.image_size, args.batch_size, rank=d.rank, world_size=world,
-        workers=args.workers, seed=args.seed, samples_per_epoch=args.train_num_samples, buffer_size=args.shuffle_buffer,
-        csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_sep=args.csv_separator,
-        context_length=cfg.context_length, pin_memory=d.device.type == "cuda", augment=not args.no_augment,
-        micro_batch=args.micro_batch, shards_per_worker=args.shards_per_worker)
+        args.data, tokenizer, raw.config.image_size, args.batch_size, rank=d.rank, world_size=d.world_size,
+        workers=args.workers, seed=args.seed, samples_per_epoch=args.train_num_samples,
+        buffer_size=args.shuffle_buffer, csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
+        csv_sep=args.csv_separator, context_length=raw.config.context_length, pin_memory=d.device.type == "cuda",
+        augment=not args.no_augment, micro_batch=args.micro_batch, shards_per_worker=args.shards_per_worker)
     steps_per_epoch = loader.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
 
-    # resume: weights, optimiser, step, each rank's skip counters, and where each data worker was in its stream
     state_path = os.path.join(args.out, "state.pt")
-    step, positions, skipped = 0, {}, Counter()
-    if not args.resume and os.path.exists(state_path):  # never overwrite a run's state by accident
-        raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
-    if args.resume:
-        state = resume_training_state(state_path, raw, optimizer)
-        step, skipped = state["step"], rank_counts(state.get("skipped", []), d.rank, world)
-        saved = state.get("data", {})
-        if (saved.get("world_size"), saved.get("workers")) == (world, args.workers):
-            positions = saved["positions"][d.rank]
-        elif loader.kind == "tar" and step % steps_per_epoch:
-            print(f"resuming with {world} ranks x {args.workers} workers instead of {saved.get('world_size')} x "
-                  f"{saved.get('workers')}: the rest of this epoch is read from the start of the shards")
-    last_good = state_path if args.resume else None
-
+    progress = start_or_resume(args, raw, optimizer, state_path, loader, d)
     model = torch.compile(raw) if args.compile else raw
-    if world > 1:
+    if d.world_size > 1:
         model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-
     if d.is_main:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-        print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {world} rank(s); "
-              f"{steps_per_epoch} steps/epoch of {args.batch_size} = {loader.samples_per_epoch:,} samples; "
-              f"{total_steps} steps")
+            json.dump(dataclasses.asdict(raw.config), f, indent=1)
+        print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {d.world_size} rank(s); {steps_per_epoch} "
+              f"steps/epoch of {args.batch_size} = {loader.samples_per_epoch:,} samples; {total_steps} steps")
     logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=d.is_main, resume=args.resume)
-
-    def training_state_now(epoch):  # collective: every rank's data positions and skip counters
-        per_rank = [(positions, dict(skipped))]
-        if dist.is_initialized():
-            per_rank = [None] * world
-            dist.all_gather_object(per_rank, (positions, dict(skipped)))
-        return training_state(raw, optimizer, step, epoch=epoch, skipped=[s for _, s in per_rank], args=vars(args),
-                              config=dataclasses.asdict(cfg),
-                              data=dict(world_size=world, workers=args.workers, positions=[p for p, _ in per_rank]))
-
-    bar = tqdm(total=total_steps, initial=step, disable=not d.is_main, dynamic_ncols=True)
-    stop = args.stop_after_steps if args.stop_after_steps is not None else total_steps
-    epoch = step // steps_per_epoch
-    t_last, wait, busy = time.perf_counter(), 0.0, 0.0
+    bar = tqdm(total=total_steps, initial=progress.step, disable=not d.is_main, dynamic_ncols=True)
+    meter = Meter()
     try:
-        while step < min(total_steps, stop):
-            batches = iter(loader.epoch(epoch, step % steps_per_epoch, positions))
-            while step < min((epoch + 1) * steps_per_epoch, stop):
+        while progress.step < total_steps:
+            epoch = progress.step // steps_per_epoch
+            batches = iter(loader.epoch(epoch, progress.step % steps_per_epoch, progress.positions))
+            while progress.step < (epoch + 1) * steps_per_epoch:
+                if args.stop_after_steps is not None and progress.step >= args.stop_after_steps:
+                    save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args, d=d)
+                    return raw  # a planned, resumable stop
                 t0 = time.perf_counter()
                 batch = next(batches)
-                t1 = time.perf_counter()
-                tokens = batch["tokens"].to(d.device, non_blocking=True)
-                lr = cosine_lr(step, total_steps, args.warmup, args.lr)
+                meter.wait += time.perf_counter() - t0
+                # learning rate
+                lr = cosine_lr(progress.step, total_steps, args.warmup_steps, args.lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                # the uint8 images stay on the host: train_step moves and augments them chunk by chunk
-                loss = train_step(model, batch["images"], tokens, args.accum_steps, amp, params=batch["params"])
-                # the mean over ranks is the full-batch loss; checking it on every rank stops all of them together,
-                # before the optimiser touches the weights, so the last checkpoint stays the last good state
-                loss = all_ranks_sum([loss.item()], d.device)[0] / world
-                check_finite(torch.tensor(loss), step + 1, last_good)  # numbered as in the log
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():  # CLIP's clamp: the logit scale at most ln(100)
-                    raw.logit_scale.clamp_(0, math.log(args.logit_scale_max))
-                step += 1
-                positions.update(batch["positions"])
-                skipped.update(batch["bad"])
-                t2 = time.perf_counter()
-                wait, busy = wait + (t1 - t0), busy + (t2 - t0)
+                # step (eq. 3 over the global batch), stopping on a non-finite loss
+                loss = optimizer_step(model, raw, optimizer, batch, amp=amp, args=args, progress=progress, d=d)
                 bar.update(1)
-                if step % args.log_every == 0:
-                    counts = dict(zip(COUNTS, map(int, all_ranks_sum([skipped[k] for k in COUNTS], d.device))))
-                    n_skipped = [counts[k] for k in SKIP_KINDS]
-                    record = dict(step=step, epoch=epoch, samples=step * args.batch_size, loss=loss, lr=lr,
-                                  logit_scale=raw.logit_scale.exp().item(),
-                                  samples_per_s=args.log_every * args.batch_size / (t2 - t_last),
-                                  data_wait=wait / busy, skipped={k: counts[k] for k in SKIP_KINDS},
-                                  reread=counts["reread"])
-                    logger.log(**record)
-                    bar.set_postfix(loss=f"{loss:.4f}", scale=f"{record['logit_scale']:.1f}",
-                                    wait=f"{record['data_wait']:.0%}", skipped=int(sum(n_skipped)))
-                    t_last, wait, busy = t2, 0.0, 0.0
-                if step % args.save_every == 0 and step % steps_per_epoch:
-                    state = training_state_now(epoch)
-                    if d.is_main:
-                        save_checkpoint(state, state_path)
-                    last_good = state_path
-            if step < (epoch + 1) * steps_per_epoch:
-                break  # --stop-after-steps: leave as a crash would, without saving
-            epoch, positions = epoch + 1, {}
-            state = training_state_now(epoch)
-            if d.is_main:
-                # the epoch's weights and its zero-shot check first, state.pt last: a run killed in between resumes
-                # from the previous state.pt and redoes them, instead of skipping them for good
-                save_checkpoint(raw.state_dict(), os.path.join(args.out, f"epoch_{epoch}.pt"))
-                record = dict(epoch=epoch, step=step, samples=step * args.batch_size)
-                if zeroshot:
-                    record["zeroshot"] = zero_shot_check(raw, tokenizer, zeroshot, args)
-                logger.log(**record)
-                save_checkpoint(state, state_path)
-            last_good = state_path
-            if dist.is_initialized():
-                dist.barrier()  # the other ranks wait for the checkpoint and the zero-shot check
+                # log and save
+                if progress.step % args.log_every == 0:
+                    log_step(logger, bar, raw, progress, epoch=epoch, loss=loss, lr=lr, meter=meter, args=args, d=d)
+                if args.save_every_steps and progress.step % args.save_every_steps == 0 \
+                        and progress.step % steps_per_epoch:
+                    save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args, d=d)
+            end_of_epoch(epoch + 1, raw, optimizer, progress, logger=logger, tokenizer=tokenizer, zeroshot=zeroshot,
+                         state_path=state_path, args=args, d=d)
     finally:
         bar.close()
         cleanup_distributed()

@@ -269,7 +269,7 @@ def train(args, model, d, out_name="nights.pt", export=None):
         model.train()
         t0 = time.time()
         for batch in bar:
-            if args.stop_after_steps and progress.step >= args.stop_after_steps:  # a planned stop: resumable
+            if args.stop_after_steps is not None and progress.step >= args.stop_after_steps:  # resumable stop
                 save_state(state_path, model, optimizer, progress, schedule, args, d)
                 return None
             # learning rate

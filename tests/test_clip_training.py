@@ -26,7 +26,7 @@ def csv_run(tmp_path):
     # Adam's eps raised from 1e-6: some gradients are exactly zero in theory (the key bias cannot change a softmax)
     # and ~1e-10 float noise in practice, which Adam would blow up to +-lr steps of random sign; with eps 1e-3 the
     # parameter comparisons below measure the gradients, not that noise
-    return ["--model", "tiny", "--train-data", path, "--merges", merges, "--lr", "2e-3", "--warmup", "1",
+    return ["--model", "tiny", "--data", path, "--merges", merges, "--lr", "2e-3", "--warmup-steps", "1",
             "--eps", "1e-3", "--seed", "0", "--workers", "0", "--log-every", "1"]
 
 
@@ -139,18 +139,28 @@ def test_accum_steps_4_equals_full_batch(csv_run, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*unexpected end of data")
-def test_killed_run_resumes_to_the_same_parameters(tmp_path):
-    """Tar shards, 2 workers: an epoch is 4 steps; state.pt is written at step 2 (mid-epoch) and 4. The run 'dies'
-    after step 3; --resume restarts from step 2, replays the data streams to where they were, and ends where an
-    uninterrupted run ends."""
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+    """Tar shards, 2 workers: an epoch is 4 steps; state.pt is written at step 2 (mid-epoch) and 4. The run is
+    killed in step 4; --resume restarts from step 2, replays the data streams to where they were, and ends where an
+    uninterrupted run ends. --stop-after-steps is the planned version: state.pt at that step, then the same end."""
     pattern = fx.plain_shards(tmp_path / "shards", n_shards=2, per_shard=8)
     merges, _ = fx.learned_tokenizer(tmp_path)
-    args = ["--model", "tiny", "--train-data", pattern, "--train-num-samples", "16", "--merges", merges,
-            "--batch-size", "4", "--epochs", "2", "--lr", "2e-3", "--warmup", "2", "--workers", "2",
-            "--save-every", "2", "--shuffle-buffer", "4"]
+    args = ["--model", "tiny", "--data", pattern, "--train-num-samples", "16", "--merges", merges,
+            "--batch-size", "4", "--epochs", "2", "--lr", "2e-3", "--warmup-steps", "2", "--workers", "2",
+            "--save-every-steps", "2", "--shuffle-buffer", "4"]
     train_clip.main(args + ["--out", str(tmp_path / "full")])
+    real_step = train_clip.optimizer_step
+
+    def killed_in_step_4(*a, **kw):
+        if kw["progress"].step == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **kw)
+
     out = str(tmp_path / "crash")
-    train_clip.main(args + ["--out", out, "--stop-after-steps", "3"])
+    monkeypatch.setattr(train_clip, "optimizer_step", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_clip.main(args + ["--out", out])
+    monkeypatch.setattr(train_clip, "optimizer_step", real_step)
     assert not os.path.exists(os.path.join(out, "epoch_1.pt"))
     assert load_checkpoint(os.path.join(out, "state.pt"))["step"] == 2
     with pytest.raises(FileExistsError, match="--resume"):  # a restart without --resume must not clobber it
@@ -162,15 +172,21 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line]
     assert steps == [1, 2, 3, 3, 4, 5, 6, 7, 8]
 
+    paused = str(tmp_path / "paused")
+    train_clip.main(args + ["--out", paused, "--stop-after-steps", "3"])
+    assert load_checkpoint(os.path.join(paused, "state.pt"))["step"] == 3
+    train_clip.main(args + ["--out", paused, "--resume"])
+    assert_same_weights(weights(tmp_path / "full", "epoch_2.pt"), weights(paused, "epoch_2.pt"), atol=0, rtol=0)
+
 
 def test_init_loads_exactly_the_vision_tower(csv_run, tmp_path):
     _, tok = fx.learned_tokenizer(tmp_path)
     torch.manual_seed(123)
     stage1 = CLIP(CLIPConfig.tiny(vocab_size=tok.vocab_size))
     torch.save(stage1.state_dict(), tmp_path / "nights.pt")
-    args = csv_run + ["--batch-size", "8", "--out", str(tmp_path / "run"), "--stop-after-steps", "0"]
-    model = train_clip.main(args + ["--init", str(tmp_path / "nights.pt")])
-    fresh = train_clip.main(args)  # the same seed without --init
+    args = csv_run + ["--batch-size", "8", "--stop-after-steps", "0"]
+    model = train_clip.main(args + ["--out", str(tmp_path / "pi"), "--init", str(tmp_path / "nights.pt")])
+    fresh = train_clip.main(args + ["--out", str(tmp_path / "baseline")])  # the same seed without --init
     src, got, rnd = stage1.state_dict(), model.state_dict(), fresh.state_dict()
     for k in got:
         if k.startswith("visual."):
@@ -201,7 +217,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(csv_run, tm
     monkeypatch.setattr(train_clip, "clip_loss", loss_going_nan)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match=r"at step 3; the last good checkpoint is .*state\.pt"):
-        train_clip.main(csv_run + ["--batch-size", "4", "--out", str(out), "--save-every", "1"])
+        train_clip.main(csv_run + ["--batch-size", "4", "--out", str(out), "--save-every-steps", "1"])
     state = load_checkpoint(out / "state.pt")
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
 
@@ -248,13 +264,13 @@ def test_skip_counts_survive_resume_on_2_ranks(tmp_path):
     resumed 2-rank run logs the counts of the unbroken one."""
     pattern, _ = fx.broken_shards(tmp_path / "shards")
     merges, _ = fx.learned_tokenizer(tmp_path)
-    args = ["--model", "tiny", "--train-data", pattern, "--merges", merges, "--batch-size", "4", "--epochs", "2",
-            "--workers", "1", "--save-every", "2", "--shuffle-buffer", "2", "--micro-batch", "1"]
+    args = ["--model", "tiny", "--data", pattern, "--merges", merges, "--batch-size", "4", "--epochs", "2",
+            "--workers", "1", "--save-every-steps", "2", "--shuffle-buffer", "2", "--micro-batch", "1"]
     full = torchrun(args + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-3000:]
     out = str(tmp_path / "crash")
     assert torchrun(args + ["--out", out, "--stop-after-steps", "5"]).returncode == 0
-    assert load_checkpoint(os.path.join(out, "state.pt"))["step"] == 4
+    assert load_checkpoint(os.path.join(out, "state.pt"))["step"] == 5  # mid-epoch: the resume replays the streams
     resumed = torchrun(args + ["--out", out, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     skipped, reread = last_counts(tmp_path / "full")
@@ -265,7 +281,7 @@ def test_skip_counts_survive_resume_on_2_ranks(tmp_path):
 def test_epoch_checkpoint_is_written_before_state(csv_run, tmp_path, monkeypatch):
     """A run killed while writing epoch_1.pt resumes from the state before that epoch's end and still produces
     epoch_1.pt (written after it, state.pt would say the epoch was done and epoch_1.pt would never come)."""
-    args = csv_run + ["--batch-size", "8", "--epochs", "2", "--save-every", "1"]
+    args = csv_run + ["--batch-size", "8", "--epochs", "2", "--save-every-steps", "1"]
     train_clip.main(args + ["--out", str(tmp_path / "full")])
     real_save = train_clip.save_checkpoint
 
@@ -313,9 +329,9 @@ def test_dist_timeout_reaches_init_process_group(csv_run, tmp_path, monkeypatch)
         monkeypatch.setenv(key, value)
     d = model.setup_distributed(timeout_minutes=45)
     assert seen == dict(backend="gloo", timeout=datetime.timedelta(minutes=45)) and d.rank == 0
-    assert train_clip.get_args(["--train-data", "x.csv"]).dist_timeout >= 30  # > NCCL's 10 minutes
+    assert train_clip.get_args(["--data", "x.csv", "--out", "o"]).dist_timeout >= 30  # > NCCL's 10 minutes
     asked = []
-    monkeypatch.setattr(train_clip, "setup_distributed", lambda timeout: asked.append(timeout) or model.Dist())
+    monkeypatch.setattr(train_clip, "setup_distributed", lambda timeout_minutes: asked.append(timeout_minutes) or model.Dist())
     train_clip.main(csv_run + ["--batch-size", "8", "--out", str(tmp_path / "run"), "--stop-after-steps", "0",
                                "--dist-timeout", "90"])
     assert asked == [90]
