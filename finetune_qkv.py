@@ -14,7 +14,8 @@ this script writes has LoRA merged back into plain `in_proj_weight`s, so it load
     python finetune_qkv.py --checkpoint runs/baseline/clip.pt --data /path/to/nights --out runs/ft_qkv
     python finetune_qkv.py --checkpoint runs/baseline/clip.pt --data ... --out runs/ft_lora --lora 16
 
-The model is rebuilt from config.json beside the checkpoint (or --config, or --model; model.config_for). The training loop, evaluation,
+The model is rebuilt from config.json beside the checkpoint (or --config, or --model; model.config_for). The training
+loop, evaluation,
 checkpointing and --resume are those of train_nights.py; the result is <out>/finetuned.pt.
 """
 import argparse
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
 from model import (Attention, CLIP, HelpFormatter, add_recipe_args, add_run_args, cleanup_distributed, config_for,
-                   load_state_dict_checked, setup_distributed)
+                   load_state_dict_checked, parse_training_args, setup_distributed)
 from train_nights import add_nights_args, train
 
 
@@ -145,7 +146,7 @@ def resolve_recipe(args):
 
 
 def main(argv=None):
-    args = resolve_recipe(get_parser().parse_args(argv))
+    args = resolve_recipe(parse_training_args(get_parser(), argv))
     d = setup_distributed(timeout_minutes=args.dist_timeout)
     try:
         torch.manual_seed(args.seed)  # the LoRA initialisation, identical on every rank

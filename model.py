@@ -497,6 +497,18 @@ def resume_training_state(path, model, optimizer):
     return state
 
 
+def resuming(resume, state_path):
+    """Whether to continue the run whose training state is state_path. --resume with no state.pt yet starts the run,
+    so one command line serves a job's first submission and all its requeues; without --resume an existing state.pt
+    is an error, so a run is never overwritten by accident."""
+    if not resume and os.path.exists(state_path):
+        raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
+    if resume and not os.path.isfile(state_path):
+        print(f"--resume: no {state_path} yet, starting the run")
+        return False
+    return resume
+
+
 def check_finite(loss, step, last_checkpoint=None):
     """Stop instead of training on NaN/inf: the message names the step; the last good checkpoint is untouched."""
     if not torch.isfinite(loss).all():
@@ -663,7 +675,7 @@ def add_renamed(p, old, new, dest, type=str):
 
 def add_run_args(p, data_help, workers=8, model="ViT-B-32", save_every_steps=0):
     """Flags about running, the same in every training script."""
-    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--data", help=data_help + " (required)")  # checked by parse_training_args: old names count
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", type=preset_config_name, default=model,
                    help=f"architecture preset: {', '.join(MODEL_PRESETS)}")
@@ -684,6 +696,14 @@ def add_run_args(p, data_help, workers=8, model="ViT-B-32", save_every_steps=0):
                         "short for the epoch-end work rank 0 does while the others wait)")
     add_renamed(p, "--save-every", "--save-every-steps", "save_every_steps", type=int)
     return p
+
+
+def parse_training_args(p, argv=None):
+    """parse_args, then the checks a renamed flag would slip past (argparse's `required` sees only the new name)."""
+    args = p.parse_args(argv)
+    if args.data is None:
+        p.error("the following arguments are required: --data")
+    return args
 
 
 def preset_config_name(name):

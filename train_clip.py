@@ -2,7 +2,7 @@
 vision tower started from stage 1 (--init nights.pt), the text tower random. Without --init it is the paper's
 baseline (§3.3).
 
-  torchrun --nproc_per_node 6 train_clip.py --train-data 'yfcc/{00000..01499}.tar' \\
+  torchrun --nproc_per_node 6 train_clip.py --data 'yfcc/{00000..01499}.tar' \\
       --merges bpe_simple_vocab_16e6.txt.gz --init runs/nights/nights.pt --out runs/pi
   python train_clip.py --model tiny --train-data pairs.csv --merges merges.txt.gz --batch-size 64 --epochs 2
 
@@ -13,7 +13,7 @@ gradient cache of Gao et al. 2021, see train_step), so one GPU can reproduce the
 
 Outputs in --out: log.jsonl (one line per --log-every steps), config.json (the CLIPConfig), epoch_<n>.pt (plain
 state dicts, for scaling curves and evaluate.py), state.pt (resumable training state, written atomically every
---save-every steps and at each epoch end; --resume continues from it with the same results as an unbroken run).
+--save-every-steps steps and at each epoch end; --resume continues from it with the same results as an unbroken run).
 
 The images travel as uint8 crops (data.py's workers decode, crop and flip) with each sample's photometric parameters;
 the §3.4 colour jitter, grayscale, blur and the CLIP normalisation run batched on the training device, chunk by
@@ -37,13 +37,14 @@ from tqdm import tqdm
 
 import data
 from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_renamed, add_run_args, autocast,
-                   check_finite, cleanup_distributed, clip_loss, cosine_lr, load_state_dict_checked, preset_config,
-                   resume_training_state, save_checkpoint, setup_distributed, training_state)
+                   check_finite, cleanup_distributed, clip_loss, cosine_lr, load_state_dict_checked,
+                   parse_training_args, preset_config, resume_training_state, resuming, save_checkpoint,
+                   setup_distributed, training_state)
 
 COUNTS = data.SKIPS + (data.REREAD,)  # the data loaders' counters that log.jsonl reports, summed over ranks
 
 
-def get_args(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_run_args(p, data_help="tar shards ('dir/{00000..01499}.tar', or patterns joined by '::') or a .csv/.tsv "
                               "file with image paths and captions", workers=4, save_every_steps=100)
@@ -86,7 +87,11 @@ def get_args(argv=None):
                    help="classification set(s) for a zero-shot check at each epoch end, comma-separated names "
                         "evaluate.py knows (e.g. imagenet1k,cifar10)")
     p.add_argument("--zeroshot-root", default=".", help="evaluate.py's --data-root: one folder per set")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return parse_training_args(get_parser(), argv)
 
 
 def device_images(images, params, device, chunk=1024):
@@ -216,8 +221,6 @@ class Progress:
 def start_or_resume(args, model, optimizer, state_path, loader, d):
     """A fresh Progress, or the one state.pt holds (weights and optimiser restored into model and optimizer)."""
     if not args.resume:
-        if os.path.exists(state_path):  # never overwrite a run's state by accident
-            raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
         return Progress()
     state = resume_training_state(state_path, model, optimizer)
     progress = Progress(state["step"], skipped=rank_counts(state.get("skipped", []), d.rank, d.world_size),
@@ -322,6 +325,8 @@ def main(argv=None):
         import evaluate
         zeroshot = evaluate.parse_names(args.zeroshot, evaluate.BENCHMARKS, "--zeroshot set")
 
+    state_path = os.path.join(args.out, "state.pt")
+    args.resume = resuming(args.resume, state_path)
     tokenizer = data.Tokenizer(args.merges)
     raw = build_model(args, tokenizer.vocab_size, d.device)
     optimizer = adamw(raw, args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2), eps=args.eps)
@@ -337,7 +342,6 @@ def main(argv=None):
     steps_per_epoch = loader.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
 
-    state_path = os.path.join(args.out, "state.pt")
     progress = start_or_resume(args, raw, optimizer, state_path, loader, d)
     model = torch.compile(raw) if args.compile else raw
     if d.world_size > 1:

@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from data import NightsTriplets
 from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_run_args, autocast, check_finite,
-                   cleanup_distributed, cosine_lr, hinge_terms, perceptual_hinge_loss, preset_config,
-                   resume_training_state, save_checkpoint, setup_distributed, training_state, triplet_distances,
-                   two_afc_scores)
+                   cleanup_distributed, cosine_lr, hinge_terms, parse_training_args, perceptual_hinge_loss,
+                   preset_config, resume_training_state, resuming, save_checkpoint, setup_distributed,
+                   training_state, triplet_distances, two_afc_scores)
 
 
 def add_nights_args(p, best_by, final_help):
@@ -137,11 +137,7 @@ class Progress:
 def start_or_resume(args, model, optimizer, state_path, schedule, d):
     """A fresh Progress, or the one a killed run last wrote to state.pt (its weights and optimiser restored)."""
     if not args.resume:
-        if os.path.exists(state_path):
-            raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
         return Progress()
-    if not os.path.isfile(state_path):
-        raise FileNotFoundError(f"--resume: no training state at {state_path}")
     state = resume_training_state(state_path, model, optimizer)
     saved = {k: state[k] for k in schedule}
     if saved != schedule:
@@ -245,6 +241,7 @@ def train(args, model, d, out_name="nights.pt", export=None):
 
     os.makedirs(args.out, exist_ok=True)
     state_path = os.path.join(args.out, "state.pt")
+    args.resume = resuming(args.resume, state_path)
     progress = start_or_resume(args, model, optimizer, state_path, schedule, d)
     if d.is_main:
         with open(os.path.join(args.out, "config.json"), "w") as f:
@@ -295,7 +292,7 @@ def train(args, model, d, out_name="nights.pt", export=None):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = parse_training_args(get_parser(), argv)
     d = setup_distributed(timeout_minutes=args.dist_timeout)
     try:
         torch.manual_seed(args.seed)  # the same random CLIP on every rank

@@ -331,7 +331,8 @@ def test_dist_timeout_reaches_init_process_group(csv_run, tmp_path, monkeypatch)
     assert seen == dict(backend="gloo", timeout=datetime.timedelta(minutes=45)) and d.rank == 0
     assert train_clip.get_args(["--data", "x.csv", "--out", "o"]).dist_timeout >= 30  # > NCCL's 10 minutes
     asked = []
-    monkeypatch.setattr(train_clip, "setup_distributed", lambda timeout_minutes: asked.append(timeout_minutes) or model.Dist())
+    monkeypatch.setattr(train_clip, "setup_distributed",
+                        lambda timeout_minutes: asked.append(timeout_minutes) or model.Dist())
     train_clip.main(csv_run + ["--batch-size", "8", "--out", str(tmp_path / "run"), "--stop-after-steps", "0",
                                "--dist-timeout", "90"])
     assert asked == [90]

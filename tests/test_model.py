@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model import (CLIP, CLIPConfig, CheckpointError, adamw, clip_loss, clip_loss_reference, cosine_lr,
-                   load_state_dict_checked, perceptual_hinge_loss, save_checkpoint, two_afc_accuracy)
+                   load_state_dict_checked, perceptual_hinge_loss, resuming, save_checkpoint, two_afc_accuracy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -314,3 +314,41 @@ def test_loads_torchscript_archive_like_openai_release(tmp_path):
     fresh = load_state_dict_checked(CLIP(CLIPConfig.tiny()), str(tmp_path / "ViT-tiny.pt"))
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_resume_flag_continues_or_starts_and_never_overwrites(tmp_path):
+    state = str(tmp_path / "state.pt")
+    assert resuming(False, state) is False
+    assert resuming(True, state) is False  # --resume on a fresh --out starts the run (a job's first submission)
+    save_checkpoint({"step": 1}, state)
+    assert resuming(True, state) is True
+    with pytest.raises(FileExistsError, match="--resume"):
+        resuming(False, state)
+
+
+def test_old_flag_spellings_still_parse_to_the_new_names(capsys):
+    import train_clip
+    args = train_clip.get_args(["--train-data", "a.csv", "--out", "o", "--wd", "0.1", "--warmup", "7",
+                                "--save-every", "3", "--model", "vit-b-32"])
+    assert (args.data, args.weight_decay, args.warmup_steps, args.save_every_steps, args.model) == \
+        ("a.csv", 0.1, 7, 3, "ViT-B-32")
+    err = capsys.readouterr().err
+    assert all(f"{old} is deprecated, use {new}" in err for old, new in
+               [("--train-data", "--data"), ("--wd", "--weight-decay"), ("--warmup", "--warmup-steps"),
+                ("--save-every", "--save-every-steps")])
+
+
+def test_one_flag_vocabulary_across_the_training_scripts():
+    """Every flag two training scripts share means one thing: same name, same type, same action."""
+    import finetune_qkv
+    import train_clip
+    import train_nights
+    parsers = {"train_nights": train_nights.get_parser(), "finetune_qkv": finetune_qkv.get_parser(),
+               "train_clip": train_clip.get_parser()}
+    shared = ["--data", "--out", "--model", "--seed", "--workers", "--precision", "--grad-checkpointing",
+              "--no-augment", "--resume", "--save-every-steps", "--stop-after-steps", "--dist-timeout", "--epochs",
+              "--batch-size", "--lr", "--weight-decay", "--beta1", "--beta2", "--eps"]
+    for flag in shared:
+        actions = {name: next(a for a in p._actions if flag in a.option_strings) for name, p in parsers.items()}
+        kinds = {(type(a).__name__, a.dest, a.type) for a in actions.values()}
+        assert len(kinds) == 1, (flag, kinds)
