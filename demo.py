@@ -3,7 +3,7 @@
     python demo.py                # ~5-10 minutes on 2 CPU cores; everything lands in demo_out/
     python demo.py --quick        # a smaller run of the same pipeline, well under a minute (what the tests run)
 
-It builds the synthetic world of data.make_synthetic_world (coloured shapes, written as a NIGHTS folder, tar shards,
+It builds the synthetic world of synthetic_world.py (coloured shapes, written as a NIGHTS folder, tar shards,
 ImageFolder tasks and a Karpathy retrieval JSON: the real formats, so every real code path runs), learns a BPE
 merges file from its captions, and then runs the paper's experiment with the tiny model, printing each command:
 
@@ -25,7 +25,8 @@ import sys
 import tarfile
 import time
 
-from data import learn_bpe, make_synthetic_world
+from data import learn_bpe
+from synthetic_world import make_synthetic_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = ("nights", "pi", "baseline", "qkv", "eval_pi_vs_baseline", "eval_qkv_vs_baseline")  # what demo.py writes

@@ -712,12 +712,22 @@ def cifar100_classes(root):
 
 
 def synthetic_eval(model, tokenizer, root, batch_size=256, workers=4):
-    """The CPU demo's stand-in for Tables 1-2: zero-shot on the synthetic world's shape / colour / count folders and
-    retrieval on its Karpathy-format JSON (data.make_synthetic_world writes both under `root`)."""
+    """The CPU demo's stand-in for Tables 1-2: zero-shot on the synthetic world's tasks, as its
+    zeroshot/tasks.json describes them ({task: {folder, classnames, templates}}, classnames in ImageFolder's
+    sorted order), and retrieval on its Karpathy-format JSON. Reads files only, like every other benchmark."""
     out = {"zeroshot": {}, "retrieval": None}
-    for task, (classnames, templates) in data.synthetic_zeroshot_tasks().items():
-        folder = os.path.join(root, "zeroshot", task, "test")
-        out["zeroshot"][task] = (folder_zero_shot_eval(model, tokenizer, folder, classnames, templates,
+    tasks_json = os.path.join(root, "zeroshot", "tasks.json")
+    if not os.path.exists(tasks_json):
+        out["zeroshot"]["tasks"] = skipped("missing", tasks_json)
+        tasks = {}
+    else:
+        with open(tasks_json) as f:
+            tasks = json.load(f)
+    for task, spec in tasks.items():
+        if not isinstance(spec, dict) or not {"folder", "classnames", "templates"} <= set(spec):
+            raise ValueError(f"{tasks_json}: task '{task}' needs 'folder', 'classnames' and 'templates'")
+        folder = os.path.join(root, "zeroshot", spec["folder"])
+        out["zeroshot"][task] = (folder_zero_shot_eval(model, tokenizer, folder, spec["classnames"], spec["templates"],
                                                        batch_size=batch_size, workers=workers)
                                  if os.path.isdir(folder) else skipped("missing", folder))
     json_path = os.path.join(root, "retrieval", "dataset_synthetic.json")
@@ -1089,7 +1099,7 @@ def main(argv=None):
     p.add_argument("--retrieval", default="flickr30k,coco", help="comma list of: flickr30k, coco ('' for none)")
     p.add_argument("--nights", help="NIGHTS root (data.csv, ref/, distort/) for 2AFC on val / test splits")
     p.add_argument("--probes", default="", help=f"'all' or a comma list of: {', '.join(PROBES)}")
-    p.add_argument("--synthetic", help="root of data.make_synthetic_world (CPU demo): its zero-shot tasks, retrieval "
+    p.add_argument("--synthetic", help="root of a synthetic_world.py world (demo): its zero-shot tasks, retrieval "
                                        "and, unless --nights is given, its NIGHTS stand-in")
     p.add_argument("--out", default="results", help="folder for results.json, report.md, scaling.csv")
     p.add_argument("--compare", help="base model: a checkpoint (evaluated the same way) or an earlier results.json")
