@@ -129,10 +129,12 @@ def _place(rng, radii, region, existing=()):
 
 
 def _layout(rng, radii, region):
-    """Place objects of the given radii in `region`, falling back to the whole image when they do not fit there."""
+    """Place objects of the given radii in `region`, falling back to the whole image when they do not fit there,
+    and shrinking them a little at a time when four large ones do not fit even there."""
     objects = _place(rng, radii, region)
-    if objects is None:
+    while objects is None:
         region, objects = "anywhere", _place(rng, radii, "anywhere")
+        radii = [0.9 * r for r in radii]
     return region, objects
 
 
