@@ -53,7 +53,9 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "st
 COLOURS = {"red": (215, 35, 35), "green": (40, 165, 60), "blue": (40, 80, 215),
            "yellow": (235, 205, 30), "purple": (135, 55, 185), "orange": (245, 135, 25)}
 COUNTS = ("one", "two", "three", "four")
-SIZES = {"small": (0.06, 0.085), "large": (0.10, 0.13)}  # object radius as a fraction of the image side
+# object radius as a fraction of the image side: at the demo's 32 px, 3-6 pixels, so that a star and a circle
+# differ in more than a pixel or two
+SIZES = {"small": (0.09, 0.12), "large": (0.14, 0.18)}
 # where the objects' centres may go (x0, y0, x1, y1 in unit coordinates); "anywhere" is not named in captions
 REGIONS = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0), "top": (0.0, 0.0, 1.0, 0.5),
            "bottom": (0.0, 0.5, 1.0, 1.0), "centre": (0.25, 0.25, 0.75, 0.75), "anywhere": (0.0, 0.0, 1.0, 1.0)}
@@ -246,6 +248,9 @@ _CAPTION_TEMPLATES = (
     "a drawing of {n} {colour} {noun} {where} on a {bg} background",
     "{n} {noun} in {colour}",
     "an image showing {n} {size} {colour} {noun}",
+    # generic nouns and the singular shape name whatever the count: the words the zero-shot prompts use
+    "{n} {size} {colour} {generic} in the shape of a {shape}",
+    "a picture of {n} {generic} {where}: {colour} {noun}",
 )
 _BG_WORDS = {"white": "white", "grey": "grey", "dark": "dark", "cream": "cream"}
 
@@ -258,13 +263,15 @@ def scene_caption(scene, rng, template=None):
         "size": _SIZE_WORDS[scene.size][rng.integers(len(_SIZE_WORDS[scene.size]))],
         "colour": scene.colour, "noun": scene.shape if n == 1 else PLURAL[scene.shape],
         "where": _REGION_WORDS[scene.region][rng.integers(2)], "bg": _BG_WORDS[scene.background],
-        "is_are": "is" if n == 1 else "are",
+        "is_are": "is" if n == 1 else "are", "shape": scene.shape,
+        "generic": ("shape", "object")[rng.integers(2)] + ("" if n == 1 else "s"),
     }
     if template is None:
         template = rng.integers(len(_CAPTION_TEMPLATES))
     text = _CAPTION_TEMPLATES[template].format(**words)
     text = re.sub(r"\ba (?=[aeiou])", "an ", text)  # "a orange star" -> "an orange star"
-    return re.sub(r"\s+", " ", text).strip(" ,")  # an empty "where" leaves stray spaces / a leading comma
+    text = re.sub(r"\s+", " ", text)
+    return re.sub(r" (?=[:,])", "", text).strip(" ,")  # an empty "where" leaves stray spaces / a leading comma
 
 
 # ---- writers ----
@@ -366,7 +373,8 @@ def _write_zeroshot(rng, out, n_test_per_class, image_size):
         dirs[task] = os.path.join(out, task, "test")
         for name in classnames:
             for i in range(n_test_per_class):
-                scene = random_scene(rng, **{task: name})
+                # the shape task shows one object, as its prompts ("a photo of a star.") say
+                scene = random_scene(rng, **{task: name, **({"count": "one"} if task == "shape" else {})})
                 _save_png(render_scene(scene, rng, image_size), os.path.join(dirs[task], name, f"{i}.png"))
         described[task] = {"folder": f"{task}/test", "classnames": classnames, "templates": templates}
     with open(os.path.join(out, ZEROSHOT_TASKS_FILE), "w") as f:  # the evaluator reads the tasks from here
