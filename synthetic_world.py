@@ -53,14 +53,16 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "st
 COLOURS = {"red": (215, 35, 35), "green": (40, 165, 60), "blue": (40, 80, 215),
            "yellow": (235, 205, 30), "purple": (135, 55, 185), "orange": (245, 135, 25)}
 COUNTS = ("one", "two", "three", "four")
-# object radius as a fraction of the image side: at the demo's 32 px, 3-6 pixels, so that a star and a circle
-# differ in more than a pixel or two
-SIZES = {"small": (0.09, 0.12), "large": (0.14, 0.18)}
+# object radius as a fraction of the image side: at the demo's 32 px, 5-9 pixels, so that a star and a circle
+# differ in more than a pixel or two (four large objects that do not fit are shrunk, see _layout)
+SIZES = {"small": (0.15, 0.19), "large": (0.23, 0.29)}
 # where the objects' centres may go (x0, y0, x1, y1 in unit coordinates); "anywhere" is not named in captions
 REGIONS = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0), "top": (0.0, 0.0, 1.0, 0.5),
            "bottom": (0.0, 0.5, 1.0, 1.0), "centre": (0.25, 0.25, 0.75, 0.75), "anywhere": (0.0, 0.0, 1.0, 1.0)}
 BACKGROUNDS = {"white": (242, 242, 242), "grey": (160, 160, 160), "dark": (55, 55, 60), "cream": (236, 226, 202)}
-TEXTURES = ("plain", "noise", "gradient")
+# "noise" and "gradient" backgrounds (drawn by render_scene) are left out of the demo's world: every nuisance
+# factor slows the tiny model's learning of shape and count within the demo's budget
+TEXTURES = ("plain",)
 MINOR_CHANGES, MAJOR_CHANGES = ("pose", "layout"), ("colour", "count")
 IMAGENET_SHAPES = ("circle", "square", "star")
 SYNTH_NIGHTS_HEADER = ("id", "left_vote", "right_vote", "votes", "ref_path", "left_path", "right_path", "split",
@@ -114,7 +116,7 @@ def synthetic_zeroshot_tasks():
 
 def _place(rng, radii, region, existing=()):
     """Objects of the given radii, their centres inside `region`, not overlapping each other or `existing`;
-    None if they do not fit. Each gets a random rotation."""
+    None if they do not fit. They stand upright (angle 0)."""
     x0, y0, x1, y1 = REGIONS[region]
     placed = list(existing)
     for r in radii:
@@ -123,7 +125,7 @@ def _place(rng, radii, region, existing=()):
         for _try in range(100):
             x, y = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
             if all(math.hypot(x - px, y - py) > r + pr + 0.03 for px, py, pr, _ in placed):
-                placed.append((x, y, r, rng.uniform(0, 360)))
+                placed.append((x, y, r, 0.0))  # upright: only the NIGHTS pose change turns objects
                 break
         else:
             return None
