@@ -21,12 +21,13 @@ from PIL import Image, ImageDraw
 #   <root>/nights/data.csv + ref/000/000.png, distort/000/000_0.png, 000_1.png   NIGHTS as distributed with DreamSim
 #   <root>/shards/00000.tar, 00001.tar, ...  ({key}.jpg, {key}.json, {key}.txt)     webdataset shards as img2dataset
 #   <root>/zeroshot/{shape,colour,count}/test/<classname>/<i>.png                   ImageFolder trees
-#   <root>/zeroshot/tasks.json  {task: {folder, classnames, templates}}          what a zero-shot run needs to know
+#   <root>/zeroshot/tasks.json  {task: {folder, classnames, templates}}              read by evaluate.py --synthetic
 #   <root>/retrieval/dataset_synthetic.json + retrieval/images/00000.png           Karpathy split JSON, 5 captions
 # A scene is 1-4 copies of ONE shape in ONE colour (so shape, colour and count are each a well-defined class), of
-# one size class, placed in one region of the image, each with its own rotation, on a plain / noisy / graded
-# neutral background. Captions name these attributes in varied wording; the position words ("on the left") are
-# a minor part of them, so a horizontal-flip augmentation makes only a few words wrong.
+# one size class, placed upright in one region of the image, on a plain neutral background. Captions name these
+# attributes in varied wording (some with generic nouns, "three shapes", as the zero-shot prompts use); the
+# position words ("on the left") are a minor part of them, so a horizontal-flip augmentation makes few words wrong.
+# The shape task's images hold one object each, as its prompts ("a photo of a star.") say.
 #
 # The NIGHTS stand-in. Each triplet is a reference scene and two variations, each changing ONE attribute:
 #   minor changes: "pose"   (every object turns by 20-45 degrees and shifts slightly)
@@ -172,7 +173,9 @@ def change_scene(rng, scene, change):
         others = [g for g in list(REGIONS)[:5] if g != scene.region]
         for _try in range(20):  # regions overlap (bottom / centre): insist that objects move a fifth of the image
             region, moved = _layout(rng, [r for _, _, r, _ in scene.objects], others[rng.integers(len(others))])
-            if np.mean([math.hypot(x - u, y - v) for (x, y, *_), (u, v, *_) in zip(moved, scene.objects)]) > 0.2:
+            same_size = [r for *_, r, _ in moved] == [r for *_, r, _ in scene.objects]  # a crowded group may shrink
+            if same_size and np.mean([math.hypot(x - u, y - v)
+                                      for (x, y, *_), (u, v, *_) in zip(moved, scene.objects)]) > 0.2:
                 break
         objects = [(x, y, r, a) for (x, y, r, _), (*_, a) in zip(moved, scene.objects)]
         return replace(scene, region=region, objects=objects)
@@ -183,9 +186,14 @@ def change_scene(rng, scene, change):
         n = len(scene.objects)
         if n < 4 and (n == 1 or rng.random() < 0.5):
             radius = [float(np.mean([r for _, _, r, _ in scene.objects]))]
-            extra = _place(rng, radius, scene.region, scene.objects) or _place(rng, radius, "anywhere", scene.objects)
-            if extra:
-                return replace(scene, objects=scene.objects + extra)
+            for _try in range(12):  # a large lone object may leave no room for a twin: shrink the newcomer to fit
+                extra = (_place(rng, radius, scene.region, scene.objects)
+                         or _place(rng, radius, "anywhere", scene.objects))
+                if extra:
+                    return replace(scene, objects=scene.objects + extra)
+                radius = [0.85 * radius[0]]
+        if n == 1:  # never empty the scene: "no objects" is not a count the world has
+            raise RuntimeError("no room for a second object, even a small one")
         drop = rng.integers(n)
         return replace(scene, objects=[o for i, o in enumerate(scene.objects) if i != drop])
     raise ValueError(f"unknown change '{change}'")

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tarfile
 import time
 
@@ -186,3 +187,42 @@ def test_never_overwrites_data_it_did_not_write(tmp_path, worlds):
     w = world_gen.make_synthetic_world(str(tmp_path / "own"), **SMALL)
     w = world_gen.make_synthetic_world(w.root, **{**SMALL, "n_pairs": 10})
     assert sorted(os.listdir(os.path.join(w.root, "shards"))) == ["00000.tar", "00000_stats.json"]
+
+
+def test_zeroshot_tasks_written_as_data_and_read_by_evaluate(tmp_path, worlds):
+    """The world describes its tasks in zeroshot/tasks.json; evaluate.py reads that file and imports nothing of
+    the generator, so a world written by anything else (or an edited tasks.json) is evaluated as described."""
+    import ast
+
+    import torch
+
+    import data
+    import evaluate
+    from model import CLIP, CLIPConfig
+
+    with open(os.path.join(worlds["a"].root, "zeroshot", "tasks.json")) as f:
+        described = json.load(f)
+    assert {t: (d["classnames"], d["templates"]) for t, d in described.items()} == world_gen.synthetic_zeroshot_tasks()
+    for task, d in described.items():
+        assert os.path.join(worlds["a"].root, "zeroshot", d["folder"]) == worlds["a"].zeroshot[task]
+    with open(evaluate.__file__) as f:
+        tree = ast.parse(f.read())
+    imported = {n.name for node in ast.walk(tree) if isinstance(node, ast.Import) for n in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "synthetic_world" not in imported and "data" in imported  # (the check sees imports at all)
+    # a copy of the world whose tasks.json keeps only the colour task, under another name
+    root = tmp_path / "copy"
+    shutil.copytree(worlds["a"].root, root)
+    (root / "zeroshot" / "tasks.json").write_text(json.dumps({"hue": described["colour"]}))
+    merges = str(tmp_path / "bpe.txt.gz")
+    data.learn_bpe(["a photo of a red shape", "something green", "a drawing in blue"] * 3, merges, 32)
+    tok = data.Tokenizer(merges)
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig.tiny(vocab_size=tok.vocab_size)).eval()
+    res = evaluate.synthetic_eval(model, tok, str(root), workers=0)
+    assert list(res["zeroshot"]) == ["hue"] and res["zeroshot"]["hue"]["n"] == 2 * len(described["colour"]["classnames"])
+    (root / "zeroshot" / "tasks.json").write_text(json.dumps({"hue": {"folder": "colour/test"}}))
+    with pytest.raises(ValueError, match="tasks.json.*'hue'"):
+        evaluate.synthetic_eval(model, tok, str(root), workers=0)
+    os.remove(root / "zeroshot" / "tasks.json")
+    assert evaluate.synthetic_eval(model, tok, str(root), workers=0)["zeroshot"]["tasks"]["skipped"] == "missing"
