@@ -41,7 +41,7 @@ RUNS = ("world", "nights", "pi", "baseline", "qkv", "eval_pi_vs_baseline", "eval
 # world size, stage-1 epochs, stage-2 epochs, stage-2 global batch, fine-tuning epochs, BPE merges
 SIZES = {
     "full": dict(world=dict(n_pairs=10000, n_triplets=2000, n_test_per_class=40, n_retrieval=200),
-                 nights_epochs=8, clip_epochs=4, clip_batch=128, qkv_epochs=2, merges=1000),
+                 nights_epochs=4, clip_epochs=3, clip_batch=128, qkv_epochs=2, merges=1000),
     "quick": dict(world=dict(n_pairs=512, n_triplets=200, n_test_per_class=4, n_retrieval=20, samples_per_shard=256),
                   nights_epochs=1, clip_epochs=2, clip_batch=128, qkv_epochs=1, merges=200),
 }
