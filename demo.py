@@ -1,22 +1,27 @@
 """The whole PI experiment, end to end, on a laptop CPU, with no download.
 
-    python demo.py                # ~5-10 minutes on 2 CPU cores; everything lands in demo_out/
-    python demo.py --quick        # a smaller run of the same pipeline, well under a minute (what the tests run)
+    python demo.py                  # one seed, under 10 minutes on 2 CPU cores; everything lands in demo_out/
+    python demo.py --seeds 0,1,2    # the experiment per seed, then mean ± sd and paired 95% intervals: summary.md
+    python demo.py --quick          # a smaller run of the same pipeline, well under a minute (what the tests run)
 
-It builds the synthetic world of data.make_synthetic_world (coloured shapes, written as a NIGHTS folder, tar shards,
-ImageFolder tasks and a Karpathy retrieval JSON: the real formats, so every real code path runs), learns a BPE
-merges file from its captions, and then runs the paper's experiment with the tiny model, printing each command:
+Per seed it builds the synthetic world of synthetic_world.py (coloured shapes, written as a NIGHTS folder, tar
+shards, ImageFolder tasks and a Karpathy retrieval JSON: the real formats, so every real code path runs), learns a
+BPE merges file from its captions, and runs the paper's experiment with the tiny model, printing each command:
 
-    stage 1   train_nights.py                 -> nights/nights.pt        (PI paper §3.1)
-    stage 2   train_clip.py --init nights.pt  -> pi/                     (PI, §3.2)
-              train_clip.py                   -> baseline/               (the baseline, §3.3; same seed and budget)
-    later     finetune_qkv.py baseline        -> qkv/                    (human-later fine-tuning, §3.3)
-    evaluate  evaluate.py --compare           -> eval_pi_vs_baseline/, eval_qkv_vs_baseline/
+    stage 1   train_nights.py                 -> seed_<s>/nights/nights.pt   (PI paper §3.1)
+    stage 2   train_clip.py --init nights.pt  -> seed_<s>/pi/                (PI, §3.2)
+              train_clip.py                   -> seed_<s>/baseline/          (the baseline, §3.3; same seed, budget)
+    later     finetune_qkv.py baseline        -> seed_<s>/qkv/               (human-later fine-tuning, §3.3)
+    evaluate  evaluate.py --compare           -> seed_<s>/eval_pi_vs_baseline/, eval_qkv_vs_baseline/
+    figures   evaluate.py --scaling pi,baseline, plots.py curves -> seed_<s>/figures/ (Figures 3-4, training curves)
 
-The toy world tests the machinery, not the paper's claim: read its numbers as such.
+and finally writes summary.md: per benchmark the mean ± sd over seeds of PI, baseline and human-later, the paired
+PI - baseline difference with its 95% t-interval, and the paper's win count, counting only the differences whose
+interval excludes 0. The toy world tests the machinery, not the paper's claim: read its numbers as such.
 """
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -25,18 +30,23 @@ import sys
 import tarfile
 import time
 
-from data import learn_bpe, make_synthetic_world
+import numpy as np
+
+from data import learn_bpe
+from synthetic_world import make_synthetic_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNS = ("nights", "pi", "baseline", "qkv", "eval_pi_vs_baseline", "eval_qkv_vs_baseline")  # what demo.py writes
+RUNS = ("world", "nights", "pi", "baseline", "qkv", "eval_pi_vs_baseline", "eval_qkv_vs_baseline", "figures")
 
-# world size, stage-1 epochs, stage-2 epochs, stage-2 global batch, fine-tuning epochs
+# world size, stage-1 epochs, stage-2 epochs, stage-2 global batch, fine-tuning epochs, BPE merges
 SIZES = {
-    "full": dict(world=dict(n_pairs=6000, n_triplets=2000, n_test_per_class=40, n_retrieval=200),
-                 nights_epochs=8, clip_epochs=16, clip_batch=256, qkv_epochs=2, merges=1000),
+    "full": dict(world=dict(n_pairs=10000, n_triplets=2000, n_test_per_class=40, n_retrieval=200),
+                 nights_epochs=4, clip_epochs=3, clip_batch=128, qkv_epochs=2, merges=1000),
     "quick": dict(world=dict(n_pairs=512, n_triplets=200, n_test_per_class=4, n_retrieval=20, samples_per_shard=256),
-                  nights_epochs=1, clip_epochs=1, clip_batch=128, qkv_epochs=1, merges=200),
+                  nights_epochs=1, clip_epochs=2, clip_batch=128, qkv_epochs=1, merges=200),
 }
+MODEL = "tiny"  # the CLIPConfig preset every stage uses
+IMAGE_SIZE = 32  # the world is rendered at the model's input size: no resampling between the two
 
 
 def run(script, *args):
@@ -54,31 +64,23 @@ def captions(shards):
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--quick", action="store_true", help="the smaller run the tests use")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    size = SIZES["quick" if args.quick else "full"]
-    out = os.path.abspath(args.out)
-    t0 = time.time()
-
+def experiment(out, seed, size):
+    """One seed of the experiment under `out`; returns {model: {benchmark: value}} for PI, baseline, human-later."""
     for run_dir in RUNS:  # a re-run starts afresh (the training scripts refuse to overwrite a run without --resume)
         shutil.rmtree(os.path.join(out, run_dir), ignore_errors=True)
-    world = make_synthetic_world(os.path.join(out, "world"), seed=args.seed, image_size=64, **size["world"])
+    world = make_synthetic_world(os.path.join(out, "world"), seed=seed, image_size=IMAGE_SIZE, **size["world"])
     merges = os.path.join(out, "bpe_merges.txt.gz")
     learn_bpe(captions(world.shards), merges, num_merges=size["merges"])
-    common = ["--model", "tiny", "--seed", args.seed, "--workers", 0]
+    common = ["--model", MODEL, "--seed", seed, "--workers", 0]
 
     # Stage 1: the vision tower learns the (synthetic) human judgements
     run("train_nights.py", "--data", world.nights, "--out", f"{out}/nights", "--epochs", size["nights_epochs"],
         "--batch-size", 64, "--lr", 1e-3, "--warmup-epochs", 0.5, *common)
     # Stage 2: PI and baseline differ only in --init
     # Two departures from the paper's stage-2 defaults, for the toy scale only: CLIP's initial temperature (1/0.07)
-    # instead of the paper's ln(100) start, which leaves a 166k-parameter model flat for its first ~300 steps of a
-    # ~370-step budget; and no augmentation, since the toy captions name colours and positions that colour jitter,
-    # grayscale and flips would falsify. Stage 1 keeps its augmentations (drawn once per triplet).
+    # instead of the paper's ln(100) start, which leaves a model this small flat for most of its short budget; and
+    # no augmentation, since the toy captions name colours and positions that colour jitter, grayscale and flips
+    # would falsify. Stage 1 keeps its augmentations (drawn once per triplet).
     stage2 = ["--train-data", world.shard_pattern, "--merges", merges, "--epochs", size["clip_epochs"],
               "--batch-size", size["clip_batch"], "--lr", 2e-3, "--warmup", 20, "--save-every", 100,
               "--logit-scale-init", 14.29, "--no-augment", *common]
@@ -95,16 +97,142 @@ def main(argv=None):
         "--out", f"{out}/eval_pi_vs_baseline", *evaluation)
     run("evaluate.py", "--checkpoint", f"{out}/qkv/finetuned.pt", "--compare", f"{out}/baseline/{final}",
         "--config-json", f"{out}/baseline/config.json", "--out", f"{out}/eval_qkv_vs_baseline", *evaluation)
+    # Figures: zero-shot accuracy of every epoch's checkpoint against samples seen, and the training curves
+    run("evaluate.py", "--scaling", f"{out}/pi,{out}/baseline", "--samples-per-epoch", world.counts["n_pairs"],
+        "--out", f"{out}/figures", *evaluation)
+    run("plots.py", "curves", f"{out}/pi/log.jsonl", f"{out}/baseline/log.jsonl", "--labels", "PI,baseline",
+        "--out", f"{out}/figures/curves.png")
 
-    # NIGHTS 2AFC of all three models, side by side
-    pi = json.load(open(f"{out}/eval_pi_vs_baseline/results.json"))
-    qkv = json.load(open(f"{out}/eval_qkv_vs_baseline/results.json"))
-    splits = ("val", "test_imagenet", "test_no_imagenet")
-    print("\nNIGHTS-style 2AFC on the synthetic triplets (%):")
-    print("| model | " + " | ".join(splits) + " |\n|---|---|---|---|")
-    for name, res in (("baseline", pi["base"]), ("PI", pi["ours"]), ("human-later (QKV)", qkv["ours"])):
-        print(f"| {name} | " + " | ".join(f"{res['nights'][s]['2afc']:.1f}" for s in splits) + " |")
-    print(f"\ndemo finished in {time.time() - t0:.0f} s; reports: {out}/eval_*/report.md")
+    with open(f"{out}/eval_pi_vs_baseline/results.json") as f:
+        pi = json.load(f)
+    with open(f"{out}/eval_qkv_vs_baseline/results.json") as f:
+        qkv = json.load(f)
+    return {"PI": benchmarks(pi["ours"]), "baseline": benchmarks(pi["base"]), "human-later": benchmarks(qkv["ours"])}
+
+
+# ---- the summary over seeds ----
+
+IMAGE_TEXT = ("zero-shot", "retrieval")  # the benchmarks the paper's win count is over (Table 1-2 kind)
+
+
+def benchmarks(res):
+    """{(kind, name): value in %} from one model's evaluate.py results: zero-shot top-1 per synthetic task,
+    retrieval recalls, and NIGHTS 2AFC per split."""
+    out = {}
+    syn = res.get("synthetic") or {}
+    for task, r in (syn.get("zeroshot") or {}).items():
+        if r.get("top1") is not None:
+            out[f"zero-shot {task} top1"] = r["top1"]
+    for k, v in (syn.get("retrieval") or {}).items():
+        if k.startswith(("i2t_r", "t2i_r")):
+            out[f"retrieval {k}"] = v
+    for split, r in (res.get("nights") or {}).items():
+        if r.get("2afc") is not None:
+            out[f"NIGHTS 2AFC {split}"] = r["2afc"]
+    return out
+
+
+def student_t_cdf(x, df, panels=2000):
+    """P(T <= x) for Student's t with `df` degrees of freedom: 1/2 plus the density integrated from 0 to x by
+    Simpson's rule (the density is smooth and unimodal, so 2000 panels give ~1e-10 for the quantiles we need)."""
+    t = np.linspace(0.0, abs(x), panels + 1)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
+    weights = np.where(np.arange(panels + 1) % 2, 4.0, 2.0)
+    weights[0] = weights[-1] = 1.0
+    return 0.5 + math.copysign(float(weights @ density) * (t[1] - t[0]) / 3, x)
+
+
+def student_t_quantile(p, df):
+    """The x with P(T <= x) = p, by bisection on student_t_cdf (scipy.stats.t.ppf without scipy)."""
+    if not 0 < p < 1 or df < 1:
+        raise ValueError(f"need 0 < p < 1 and df >= 1, got p={p}, df={df}")
+    lo, hi = -1.0, 1.0
+    while student_t_cdf(lo, df) > p:
+        lo *= 2
+    while student_t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if student_t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_sd(values):
+    """Mean and sample standard deviation (n - 1); sd is None for a single value."""
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return m, sd
+
+
+def paired_interval(ours, base, level=0.95):
+    """Mean of the paired differences ours - base over seeds and its t-interval: (mean, low, high); the bounds are
+    None with fewer than two seeds."""
+    d = [o - b for o, b in zip(ours, base)]
+    m, sd = mean_sd(d)
+    if sd is None:
+        return m, None, None
+    half = student_t_quantile(0.5 + level / 2, len(d) - 1) * sd / math.sqrt(len(d))
+    return m, m - half, m + half
+
+
+def summary_markdown(per_seed, seeds, wall_s=None):
+    """summary.md from {seed: {model: {benchmark: value}}}: mean ± sd per model, the paired PI - baseline
+    difference with its 95% interval, and the win count over the image-text benchmarks, where a win (loss) is a
+    difference whose whole interval lies above (below) 0 and everything else is too close to call."""
+    fmt = lambda m, sd: f"{m:.1f}" if sd is None else f"{m:.1f} ± {sd:.1f}"  # noqa: E731
+    models = ("PI", "baseline", "human-later")
+    names = [b for b in per_seed[seeds[0]]["PI"] if all(b in per_seed[s][m] for s in seeds for m in models)]
+    lines = [f"# PI vs baseline on the synthetic world: {len(seeds)} seed(s) ({', '.join(map(str, seeds))})", "",
+             "Percentages: mean ± sd over seeds; Δ = PI − baseline, paired by seed, with its 95% t-interval.", "",
+             "| benchmark | PI | baseline | human-later | Δ PI − baseline | 95% interval |",
+             "|---|---:|---:|---:|---:|---|"]
+    count = {"win": 0, "loss": 0, "open": 0}
+    for b in names:
+        vals = {m: [per_seed[s][m][b] for s in seeds] for m in models}
+        d, lo, hi = paired_interval(vals["PI"], vals["baseline"])
+        interval = "—" if lo is None else f"[{lo:+.1f}, {hi:+.1f}]"
+        lines.append(f"| {b} | " + " | ".join(fmt(*mean_sd(vals[m])) for m in models) + f" | {d:+.1f} | {interval} |")
+        if b.startswith(IMAGE_TEXT):
+            count["win" if lo is not None and lo > 0 else "loss" if hi is not None and hi < 0 else "open"] += 1
+    total = sum(count.values())
+    lines += ["", f"Paper-style count over the {total} image-text benchmarks (zero-shot and retrieval), counting only "
+                  f"differences whose 95% interval excludes 0: PI better on {count['win']}, worse on "
+                  f"{count['loss']}, too close to call on {count['open']}."]
+    if wall_s is not None:
+        lines += ["", f"Wall time: {wall_s:.0f} s for {len(seeds)} seed(s)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="the smaller run the tests use")
+    p.add_argument("--seeds", default=None, help="comma list of seeds, one experiment each (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="a single seed (the same as --seeds N)")
+    args = p.parse_args(argv)
+    if args.seeds is not None and args.seed is not None:
+        p.error("give --seeds or --seed, not both")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed or 0]
+    except ValueError:
+        p.error(f"--seeds wants integers separated by commas, got '{args.seeds}'")
+    if len(set(seeds)) != len(seeds):
+        p.error(f"--seeds repeats a seed: {args.seeds}")
+    size = SIZES["quick" if args.quick else "full"]
+    out = os.path.abspath(args.out)
+    t0 = time.time()
+    per_seed = {}
+    for seed in seeds:
+        per_seed[seed] = experiment(os.path.join(out, f"seed_{seed}"), seed, size)
+        with open(os.path.join(out, f"seed_{seed}", "benchmarks.json"), "w") as f:  # kept if a later seed fails
+            json.dump(per_seed[seed], f, indent=1)
+        print(f"\nseed {seed} done after {time.time() - t0:.0f} s", flush=True)
+    md = summary_markdown(per_seed, seeds, wall_s=time.time() - t0)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(md)
+    print("\n" + md)
+    print(f"summary: {out}/summary.md; per seed: {out}/seed_<s>/eval_*/report.md and figures/")
 
 
 if __name__ == "__main__":

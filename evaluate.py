@@ -886,12 +886,22 @@ def cifar100_classes(root):
 
 
 def synthetic_eval(model, tokenizer, root, batch_size=256, workers=4):
-    """The CPU demo's stand-in for Tables 1-2: zero-shot on the synthetic world's shape / colour / count folders and
-    retrieval on its Karpathy-format JSON (data.make_synthetic_world writes both under `root`)."""
+    """The CPU demo's stand-in for Tables 1-2: zero-shot on the synthetic world's tasks, as its
+    zeroshot/tasks.json describes them ({task: {folder, classnames, templates}}, classnames in ImageFolder's
+    sorted order), and retrieval on its Karpathy-format JSON. Reads files only, like every other benchmark."""
     out = {"zeroshot": {}, "retrieval": None}
-    for task, (classnames, templates) in data.synthetic_zeroshot_tasks().items():
-        folder = os.path.join(root, "zeroshot", task, "test")
-        out["zeroshot"][task] = (folder_zero_shot_eval(model, tokenizer, folder, classnames, templates,
+    tasks_json = os.path.join(root, "zeroshot", "tasks.json")
+    if not os.path.exists(tasks_json):
+        out["zeroshot"]["tasks"] = skipped("missing", tasks_json)
+        tasks = {}
+    else:
+        with open(tasks_json) as f:
+            tasks = json.load(f)
+    for task, spec in tasks.items():
+        if not isinstance(spec, dict) or not {"folder", "classnames", "templates"} <= set(spec):
+            raise ValueError(f"{tasks_json}: task '{task}' needs 'folder', 'classnames' and 'templates'")
+        folder = os.path.join(root, "zeroshot", spec["folder"])
+        out["zeroshot"][task] = (folder_zero_shot_eval(model, tokenizer, folder, spec["classnames"], spec["templates"],
                                                        batch_size=batch_size, workers=workers)
                                  if os.path.isdir(folder) else skipped("missing", folder))
     json_path = os.path.join(root, "retrieval", "dataset_synthetic.json")
@@ -1273,35 +1283,31 @@ def scaling_rows(res, epoch, samples, path):
 
 
 def write_scaling(rows, out_dir):
-    """scaling.csv (one row per checkpoint), scaling_fit.json (a, β per curve), scaling.png if matplotlib is there."""
+    """scaling.csv (one row per run and checkpoint), scaling_fit.json (a, β per run and curve) and scaling.png
+    (Figures 3-4: log-log, every run on the same axes) when matplotlib, a dev requirement, is installed."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with open(os.path.join(out_dir, "scaling.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    curves = [c for c in cols if c not in ("epoch", "samples_seen", "checkpoint")]
-    fits = {}
+    curves = [c for c in cols if c not in ("run", "epoch", "samples_seen", "checkpoint")]
+    runs = list(dict.fromkeys(r.get("run", "") for r in rows))
+    fits, drawn = {}, []
     for c in curves:
-        pts = [(r["samples_seen"], r[c]) for r in rows if r.get(c) is not None]
-        fits[c] = fit_power_law(*zip(*pts)) if pts else None
+        for run in runs:  # keys: the curve's name for one run, "<run>: <curve>" for several
+            pts = [(r["samples_seen"], r[c]) for r in rows if r.get("run", "") == run and r.get(c) is not None]
+            fits[c if len(runs) == 1 else f"{run}: {c}"] = fit = fit_power_law(*zip(*pts)) if pts else None
+            if fit and (c.endswith("top1") or c.endswith("_r1")) and c not in drawn:  # the paper's panels
+                drawn.append(c)
     with open(os.path.join(out_dir, "scaling_fit.json"), "w") as f:
         json.dump(fits, f, indent=1)
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        import plots  # matplotlib is for figures only: without it the CSV and the fits still come out
+    except ImportError as e:
+        print(f"no scaling.png ({e}); pip install -r requirements-dev.txt to draw it")
         return fits
-    curves = [c for c in curves if fits[c]]
-    if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(3 * len(curves), 3), squeeze=False)
-        for ax, c in zip(axes[0], curves):
-            pts = [(r["samples_seen"], r[c]) for r in rows if r.get(c) is not None]
-            ax.plot(*zip(*pts), "o-")
-            ax.set_xscale("log")
-            ax.set_title(f"{c}\nβ = {fits[c]['beta']:.3f}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "scaling.png"), dpi=120)
+    if drawn:
+        plots.plot_scaling(rows, os.path.join(out_dir, "scaling.png"), curves=drawn)
     return fits
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1360,11 +1366,12 @@ def main(argv=None):
     p.add_argument("--retrieval", default="flickr30k,coco", help="comma list of: flickr30k, coco ('' for none)")
     p.add_argument("--nights", help="NIGHTS root (data.csv, ref/, distort/) for 2AFC on val / test splits")
     p.add_argument("--probes", default="", help=f"'all' or a comma list of: {', '.join(PROBES)}")
-    p.add_argument("--synthetic", help="root of data.make_synthetic_world (CPU demo): its zero-shot tasks, retrieval "
+    p.add_argument("--synthetic", help="root of a synthetic_world.py world (demo): its zero-shot tasks, retrieval "
                                        "and, unless --nights is given, its NIGHTS stand-in")
     p.add_argument("--out", default="results", help="folder for results.json, report.md, scaling.csv")
     p.add_argument("--compare", help="base model: a checkpoint (evaluated the same way) or an earlier results.json")
-    p.add_argument("--scaling", help="run folder with per-epoch checkpoints (epoch_N.pt) for Figures 3-4")
+    p.add_argument("--scaling", help="run folder(s), comma-separated, with per-epoch checkpoints (epoch_N.pt): "
+                                     "Figures 3-4")
     p.add_argument("--samples-per-epoch", type=int, help="training pairs per epoch (with --scaling)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -1418,9 +1425,11 @@ def main(argv=None):
             print(comparison["summary"])
     if args.scaling:
         rows = []
-        for epoch, path in run_checkpoints(args.scaling):
-            res = run(path, f"epoch {epoch}")
-            rows.append(scaling_rows(res, epoch, epoch * args.samples_per_epoch, path))
+        for run_dir in args.scaling.split(","):  # several runs (PI, baseline) share the figure's axes
+            for epoch, path in run_checkpoints(run_dir):
+                res = run(path, f"{run_dir} epoch {epoch}")
+                rows.append({"run": os.path.basename(os.path.normpath(run_dir)),
+                             **scaling_rows(res, epoch, epoch * args.samples_per_epoch, path)})
         fits = write_scaling(rows, args.out)
         print("power-law exponents β:", json.dumps({k: (v or {}).get("beta") for k, v in fits.items()}, indent=1))
 

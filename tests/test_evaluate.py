@@ -13,6 +13,7 @@ from PIL import Image
 
 import data
 import evaluate as ev
+import synthetic_world
 from model import CLIP, CLIPConfig
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def test_zero_shot_classifier_equals_direct_computation():
             direct.append(m / m.norm())
     assert clf.shape == (32, 3)
     torch.testing.assert_close(clf, torch.stack(direct, 1), atol=1e-5, rtol=1e-5)
-    # "{}" templates (data.synthetic_zeroshot_tasks) fill in the same way as clip_benchmark's "{c}"
+    # "{}" templates (synthetic_world.synthetic_zeroshot_tasks) fill in the same way as clip_benchmark's "{c}"
     plain = ev.zero_shot_classifier(model, tok, classes, [t.replace("{c}", "{}") for t in templates],
                                     torch.device("cpu"))
     torch.testing.assert_close(plain, clf)
@@ -578,8 +579,8 @@ def test_cli_end_to_end_with_compare_and_skips(tmp_path):
 
 def test_cli_synthetic_world_with_compare(tmp_path):
     merges, cfg, vocab = _tokenizer_files(tmp_path)
-    world = data.make_synthetic_world(str(tmp_path / "world"), seed=0, n_pairs=0, n_triplets=30, n_test_per_class=2,
-                                      n_retrieval=4, image_size=32)
+    world = synthetic_world.make_synthetic_world(str(tmp_path / "world"), seed=0, n_pairs=0, n_triplets=30,
+                                                 n_test_per_class=2, n_retrieval=4, image_size=32)
     torch.save(tiny_model(seed=1, vocab_size=vocab).state_dict(), tmp_path / "ours.pt")
     torch.save(tiny_model(seed=2, vocab_size=vocab).state_dict(), tmp_path / "base.pt")
     out = tmp_path / "out"
@@ -587,7 +588,7 @@ def test_cli_synthetic_world_with_compare(tmp_path):
              "--merges", merges, "--datasets", "", "--retrieval", "", "--synthetic", world.root, "--out", str(out),
              "--workers", "0", "--device", "cpu"])
     res = json.loads((out / "results.json").read_text())
-    syn, tasks = res["ours"]["synthetic"], data.synthetic_zeroshot_tasks()
+    syn, tasks = res["ours"]["synthetic"], synthetic_world.synthetic_zeroshot_tasks()
     for task, (classnames, _) in tasks.items():
         r = syn["zeroshot"][task]
         assert r["n"] == 2 * len(classnames) and r["n_classes"] == len(classnames)

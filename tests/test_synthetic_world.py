@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tarfile
 import time
 
@@ -13,14 +14,14 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-import data
+import synthetic_world as world_gen
 
 SMALL = dict(n_pairs=40, samples_per_shard=16, n_triplets=60, n_test_per_class=2, n_retrieval=8, image_size=32)
 
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    make = lambda name, **kw: data.make_synthetic_world(str(tmp_path_factory.mktemp(name)), **{**SMALL, **kw})
+    make = lambda name, **kw: world_gen.make_synthetic_world(str(tmp_path_factory.mktemp(name)), **{**SMALL, **kw})
     t = time.perf_counter()
     a = make("a", seed=0)
     seconds = time.perf_counter() - t
@@ -65,7 +66,7 @@ def test_generation_is_fast(worlds):
 def test_nights_format(worlds):
     w = worlds["a"]
     with open(os.path.join(w.nights, "data.csv"), newline="") as f:
-        assert next(csv.reader(f)) == list(data.SYNTH_NIGHTS_HEADER)
+        assert next(csv.reader(f)) == list(world_gen.SYNTH_NIGHTS_HEADER)
     rows, _ = _nights_rows(w)
     assert len(rows) == 60 + 60 // 20 and [int(r["id"]) for r in rows] == list(range(len(rows)))
     for r in rows:
@@ -91,7 +92,7 @@ def test_nights_labels_follow_the_rule(worlds):
         left, right = changes[r["id"]]["left_change"], changes[r["id"]]["right_change"]
         if int(r["votes"]) >= 6:  # one minor and one major change: the minor one is unanimously closer
             assert {left, right} in ({"pose", "colour"}, {"pose", "count"}, {"layout", "colour"}, {"layout", "count"})
-            assert float(r["right_vote"]) == (1.0 if right in data.MINOR_CHANGES else 0.0)
+            assert float(r["right_vote"]) == (1.0 if right in world_gen.MINOR_CHANGES else 0.0)
         else:  # two changes of the same tier: split votes, dropped by the reader
             assert {left, right} in ({"pose", "layout"}, {"colour", "count"})
             assert 0 < float(r["right_vote"]) < 1 and int(r["votes"]) < 6
@@ -101,8 +102,9 @@ def test_each_variation_changes_exactly_its_attribute():
     rng = np.random.default_rng(0)
     positions = lambda s: np.array([(x, y) for x, y, _, _ in s.objects])
     for _ in range(200):
-        ref = data.random_scene(rng)
-        pose, layout, colour, count = (data.change_scene(rng, ref, k) for k in ("pose", "layout", "colour", "count"))
+        ref = world_gen.random_scene(rng)
+        pose, layout, colour, count = (world_gen.change_scene(rng, ref, k)
+                                       for k in ("pose", "layout", "colour", "count"))
         for v in (pose, layout, colour, count):
             assert (v.shape, v.size, v.background, v.texture) == (ref.shape, ref.size, ref.background, ref.texture)
         assert (pose.colour, pose.count) == (ref.colour, ref.count)
@@ -117,17 +119,17 @@ def test_each_variation_changes_exactly_its_attribute():
         assert count.colour == ref.colour and abs(len(count.objects) - len(ref.objects)) == 1
         assert 1 <= len(count.objects) <= 4
     # and the pixels show it: on a plain background the coloured area follows the count, the colour follows colour
-    ref = dataclasses.replace(data.random_scene(rng, colour="red", count="two"), texture="plain")
+    ref = dataclasses.replace(world_gen.random_scene(rng, colour="red", count="two"), texture="plain")
 
     def coloured(scene):  # (fraction of the image the objects cover, their mean colour)
-        img = np.asarray(data.render_scene(scene, rng, 64), np.float32)
-        obj = np.abs(img - np.array(data.BACKGROUNDS[scene.background])).sum(-1) > 60
+        img = np.asarray(world_gen.render_scene(scene, rng, 64), np.float32)
+        obj = np.abs(img - np.array(world_gen.BACKGROUNDS[scene.background])).sum(-1) > 60
         return obj.mean(), img[obj].mean(0)
 
     area, rgb = coloured(ref)
-    count = data.change_scene(rng, ref, "count")
+    count = world_gen.change_scene(rng, ref, "count")
     assert abs(coloured(count)[0] / area - len(count.objects) / 2) < 0.3
-    assert rgb[0] > 150 and np.abs(coloured(data.change_scene(rng, ref, "colour"))[1] - rgb).max() > 40
+    assert rgb[0] > 150 and np.abs(coloured(world_gen.change_scene(rng, ref, "colour"))[1] - rgb).max() > 40
 
 
 def test_shards_are_img2dataset_webdataset(worlds):
@@ -148,13 +150,13 @@ def test_shards_are_img2dataset_webdataset(worlds):
                 meta = json.loads(tar.extractfile(f"{key}.json").read())
                 assert meta["key"] == key and meta["caption"] == text and (meta["width"], meta["height"]) == (32, 32)
                 # the caption names the colour and the shape
-                assert any(c in text for c in data.COLOURS) and any(sh in text for sh in data.SHAPES)
+                assert any(c in text for c in world_gen.COLOURS) and any(sh in text for sh in world_gen.SHAPES)
                 n += 1
     assert n == 40
 
 
 def test_zeroshot_folders_read_by_imagefolder(worlds):
-    tasks = data.synthetic_zeroshot_tasks()
+    tasks = world_gen.synthetic_zeroshot_tasks()
     assert set(tasks) == set(worlds["a"].zeroshot) == {"shape", "colour", "count"}
     for task, (classnames, templates) in tasks.items():
         ds = ImageFolder(worlds["a"].zeroshot[task])
@@ -179,9 +181,48 @@ def test_retrieval_karpathy_json(worlds):
 def test_never_overwrites_data_it_did_not_write(tmp_path, worlds):
     (tmp_path / "nights").mkdir()
     with pytest.raises(FileExistsError):
-        data.make_synthetic_world(str(tmp_path), **SMALL)
+        world_gen.make_synthetic_world(str(tmp_path), **SMALL)
     assert (tmp_path / "nights").is_dir()
     # its own world is replaced whole: no stale shard survives a smaller rewrite
-    w = data.make_synthetic_world(str(tmp_path / "own"), **SMALL)
-    w = data.make_synthetic_world(w.root, **{**SMALL, "n_pairs": 10})
+    w = world_gen.make_synthetic_world(str(tmp_path / "own"), **SMALL)
+    w = world_gen.make_synthetic_world(w.root, **{**SMALL, "n_pairs": 10})
     assert sorted(os.listdir(os.path.join(w.root, "shards"))) == ["00000.tar", "00000_stats.json"]
+
+
+def test_zeroshot_tasks_written_as_data_and_read_by_evaluate(tmp_path, worlds):
+    """The world describes its tasks in zeroshot/tasks.json; evaluate.py reads that file and imports nothing of
+    the generator, so a world written by anything else (or an edited tasks.json) is evaluated as described."""
+    import ast
+
+    import torch
+
+    import data
+    import evaluate
+    from model import CLIP, CLIPConfig
+
+    with open(os.path.join(worlds["a"].root, "zeroshot", "tasks.json")) as f:
+        described = json.load(f)
+    assert {t: (d["classnames"], d["templates"]) for t, d in described.items()} == world_gen.synthetic_zeroshot_tasks()
+    for task, d in described.items():
+        assert os.path.join(worlds["a"].root, "zeroshot", d["folder"]) == worlds["a"].zeroshot[task]
+    with open(evaluate.__file__) as f:
+        tree = ast.parse(f.read())
+    imported = {n.name for node in ast.walk(tree) if isinstance(node, ast.Import) for n in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "synthetic_world" not in imported and "data" in imported  # (the check sees imports at all)
+    # a copy of the world whose tasks.json keeps only the colour task, under another name
+    root = tmp_path / "copy"
+    shutil.copytree(worlds["a"].root, root)
+    (root / "zeroshot" / "tasks.json").write_text(json.dumps({"hue": described["colour"]}))
+    merges = str(tmp_path / "bpe.txt.gz")
+    data.learn_bpe(["a photo of a red shape", "something green", "a drawing in blue"] * 3, merges, 32)
+    tok = data.Tokenizer(merges)
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig.tiny(vocab_size=tok.vocab_size)).eval()
+    res = evaluate.synthetic_eval(model, tok, str(root), workers=0)
+    assert list(res["zeroshot"]) == ["hue"] and res["zeroshot"]["hue"]["n"] == 2 * len(described["colour"]["classnames"])
+    (root / "zeroshot" / "tasks.json").write_text(json.dumps({"hue": {"folder": "colour/test"}}))
+    with pytest.raises(ValueError, match="tasks.json.*'hue'"):
+        evaluate.synthetic_eval(model, tok, str(root), workers=0)
+    os.remove(root / "zeroshot" / "tasks.json")
+    assert evaluate.synthetic_eval(model, tok, str(root), workers=0)["zeroshot"]["tasks"]["skipped"] == "missing"

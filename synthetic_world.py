@@ -1,0 +1,449 @@
+"""The CPU demo's synthetic world: coloured shapes with captions, written to disk in the formats of the real data.
+
+Only demo.py and the tests build it; the training and evaluation scripts read what it writes through the same
+readers they use for NIGHTS, img2dataset shards, ImageFolder trees and Karpathy JSON (data.py, evaluate.py).
+"""
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tarfile
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# A tiny world of flat coloured shapes, written to disk in EXACTLY the formats of the real data, so the CPU demo
+# runs the real readers end to end:
+#   <root>/nights/data.csv + ref/000/000.png, distort/000/000_0.png, 000_1.png   NIGHTS as distributed with DreamSim
+#   <root>/shards/00000.tar, 00001.tar, ...  ({key}.jpg, {key}.json, {key}.txt)     webdataset shards as img2dataset
+#   <root>/zeroshot/{shape,colour,count}/test/<classname>/<i>.png                   ImageFolder trees
+#   <root>/zeroshot/tasks.json  {task: {folder, classnames, templates}}              read by evaluate.py --synthetic
+#   <root>/retrieval/dataset_synthetic.json + retrieval/images/00000.png           Karpathy split JSON, 5 captions
+# A scene is 1-4 copies of ONE shape in ONE colour (so shape, colour and count are each a well-defined class), of
+# one size class, placed upright in one region of the image, on a plain neutral background. Captions name these
+# attributes in varied wording (some with generic nouns, "three shapes", as the zero-shot prompts use); the
+# position words ("on the left") are a minor part of them, so a horizontal-flip augmentation makes few words wrong.
+# The shape task's images hold one object each, as its prompts ("a photo of a star.") say.
+#
+# The NIGHTS stand-in. Each triplet is a reference scene and two variations, each changing ONE attribute:
+#   minor changes: "pose"   (every object turns by 20-45 degrees and shifts slightly)
+#                  "layout" (the objects are re-placed in another region of the image)
+#   major changes: "colour" (another colour of the palette)
+#                  "count"  (one object added or removed)
+# The rule standing in for the human vote: people judge the variation with a MINOR change more similar than the
+# one with a MAJOR change, unanimously (votes 6-10, right_vote 0.0 or 1.0). This is learnable from pixels but not
+# from pixel distance: moving every object (layout) changes far more pixels than recolouring red to orange or
+# adding one small star, so the model must learn invariance to where things are and sensitivity to what they are.
+# A few extra rows pair two changes of the SAME tier (pose vs layout, colour vs count): people disagree there,
+# so they carry split votes (3-5 voters, right_vote strictly between 0 and 1) and the reader's votes >= 6 filter
+# drops them, as it drops the non-unanimous triplets of the real NIGHTS. <root>/nights/changes.csv (a sidecar
+# the readers ignore) records which change each side got, for per-change analysis.
+#
+# is_imagenet is a category-level flag as in NIGHTS (there: is the prompt's category an ImageNet class); here it
+# is True for circle, square and star, so test_imagenet and test_no_imagenet both exist. Splits are 80/10/10,
+# stratified on that flag. Everything is a deterministic function of `seed` (numpy Generator); each of the four
+# parts has its own child seed, so e.g. changing n_pairs leaves the NIGHTS images byte-identical.
+
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+COLOURS = {"red": (215, 35, 35), "green": (40, 165, 60), "blue": (40, 80, 215),
+           "yellow": (235, 205, 30), "purple": (135, 55, 185), "orange": (245, 135, 25)}
+COUNTS = ("one", "two", "three", "four")
+# object radius as a fraction of the image side: at the demo's 32 px, 5-9 pixels, so that a star and a circle
+# differ in more than a pixel or two (four large objects that do not fit are shrunk, see _layout)
+SIZES = {"small": (0.15, 0.19), "large": (0.23, 0.29)}
+# where the objects' centres may go (x0, y0, x1, y1 in unit coordinates); "anywhere" is not named in captions
+REGIONS = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0), "top": (0.0, 0.0, 1.0, 0.5),
+           "bottom": (0.0, 0.5, 1.0, 1.0), "centre": (0.25, 0.25, 0.75, 0.75), "anywhere": (0.0, 0.0, 1.0, 1.0)}
+BACKGROUNDS = {"white": (242, 242, 242), "grey": (160, 160, 160), "dark": (55, 55, 60), "cream": (236, 226, 202)}
+# "noise" and "gradient" backgrounds (drawn by render_scene) are left out of the demo's world: every nuisance
+# factor slows the tiny model's learning of shape and count within the demo's budget
+TEXTURES = ("plain",)
+MINOR_CHANGES, MAJOR_CHANGES = ("pose", "layout"), ("colour", "count")
+IMAGENET_SHAPES = ("circle", "square", "star")
+SYNTH_NIGHTS_HEADER = ("id", "left_vote", "right_vote", "votes", "ref_path", "left_path", "right_path", "split",
+                       "is_imagenet", "prompt")
+ZEROSHOT_TASKS_FILE = "tasks.json"  # <root>/zeroshot/tasks.json: {task: {folder, classnames, templates}}
+_SUPERSAMPLE = 4  # shapes are drawn as a mask at 4x and box-filtered down: anti-aliased edges for free
+_TAR_MTIME = 1_700_000_000  # fixed member time, so the same seed gives byte-identical shards
+
+
+@dataclass
+class Scene:
+    shape: str
+    colour: str
+    size: str
+    region: str
+    objects: list  # [(x, y, radius, angle_degrees)] in unit coordinates; len(objects) is the count
+    background: str
+    texture: str
+    tone: tuple  # (rgb of the objects after a small jitter, gradient angle, gradient strength, noise sigma)
+
+    @property
+    def count(self):
+        return COUNTS[len(self.objects) - 1]
+
+
+@dataclass
+class SyntheticWorld:
+    root: str
+    nights: str  # pass to the NIGHTS reader: <root>/nights (holds data.csv)
+    shards: list  # the .tar paths, in order
+    shard_pattern: str  # the same as one brace pattern (None without shards), e.g. <root>/shards/{00000..00004}.tar
+    zeroshot: dict  # task -> its ImageFolder root <root>/zeroshot/<task>/test
+    retrieval_json: str
+    retrieval_root: str  # image paths in the JSON are relative to this (filepath "images" + filename)
+    counts: dict = field(default_factory=dict)
+
+
+def synthetic_zeroshot_tasks():
+    """{task: (classnames, templates)} for the zero-shot folders. The class names are in the order
+    torchvision.datasets.ImageFolder numbers the class folders (sorted), so label i is classnames[i]."""
+    return {
+        "shape": (sorted(SHAPES), ["a photo of a {}.", "a {} shape.", "a drawing of a {}.",
+                                   "a picture with a {} in it."]),
+        "colour": (sorted(COLOURS), ["a photo of a {} shape.", "a {} object.", "something {}.", "a drawing in {}."]),
+        "count": (sorted(COUNTS), ["a photo of {} objects.", "{} shapes.", "a picture of {} things.",
+                                   "there are {} objects in the picture."]),
+    }
+
+
+# ---- scenes ----
+
+def _place(rng, radii, region, existing=()):
+    """Objects of the given radii, their centres inside `region`, not overlapping each other or `existing`;
+    None if they do not fit. They stand upright (angle 0)."""
+    x0, y0, x1, y1 = REGIONS[region]
+    placed = list(existing)
+    for r in radii:
+        lo_x, hi_x = max(x0, r + 0.02), min(x1, 1 - r - 0.02)  # keep the whole object inside the image
+        lo_y, hi_y = max(y0, r + 0.02), min(y1, 1 - r - 0.02)
+        for _try in range(100):
+            x, y = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
+            if all(math.hypot(x - px, y - py) > r + pr + 0.03 for px, py, pr, _ in placed):
+                placed.append((x, y, r, 0.0))  # upright: only the NIGHTS pose change turns objects
+                break
+        else:
+            return None
+    return placed[len(existing):]
+
+
+def _layout(rng, radii, region):
+    """Place objects of the given radii in `region`, falling back to the whole image when they do not fit there,
+    and shrinking them a little at a time when four large ones do not fit even there."""
+    objects = _place(rng, radii, region)
+    while objects is None:
+        region, objects = "anywhere", _place(rng, radii, "anywhere")
+        radii = [0.9 * r for r in radii]
+    return region, objects
+
+
+def _tone(rng, colour):
+    rgb = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[colour])
+    return rgb, float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(8, 25)), float(rng.uniform(2, 6))
+
+
+def random_scene(rng, shape=None, colour=None, count=None):
+    """A random scene; shape / colour / count (a word, e.g. "three") may be fixed."""
+    shape = shape or SHAPES[rng.integers(len(SHAPES))]
+    colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
+    n = COUNTS.index(count) + 1 if count else int(rng.integers(1, 5))
+    size = "small" if rng.random() < 0.5 else "large"
+    # one scene in six is scattered over the whole image; the others sit in a named region
+    region = "anywhere" if rng.random() < 1 / 6 else list(REGIONS)[rng.integers(5)]
+    radii = rng.uniform(*SIZES[size]) * rng.uniform(0.92, 1.08, n)  # one size class, slightly uneven
+    region, objects = _layout(rng, [float(r) for r in radii], region)
+    return Scene(shape, colour, size, region, objects, list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+                 TEXTURES[rng.integers(len(TEXTURES))], _tone(rng, colour))
+
+
+def change_scene(rng, scene, change):
+    """The reference `scene` with ONE attribute changed: pose, layout, colour or count."""
+    if change == "pose":  # turn every object by 20-45 degrees (less than any shape's symmetry) and nudge it
+        nudge = lambda v, r: float(np.clip(v + rng.normal(0, 0.015), r, 1 - r))
+        objects = [(nudge(x, r), nudge(y, r), r, float(a + rng.choice([-1, 1]) * rng.uniform(20, 45)))
+                   for x, y, r, a in scene.objects]
+        return replace(scene, objects=objects)
+    if change == "layout":  # the objects move to another named region, keeping their sizes and rotations
+        others = [g for g in list(REGIONS)[:5] if g != scene.region]
+        for _try in range(20):  # regions overlap (bottom / centre): insist that objects move a fifth of the image
+            region, moved = _layout(rng, [r for _, _, r, _ in scene.objects], others[rng.integers(len(others))])
+            same_size = [r for *_, r, _ in moved] == [r for *_, r, _ in scene.objects]  # a crowded group may shrink
+            if same_size and np.mean([math.hypot(x - u, y - v)
+                                      for (x, y, *_), (u, v, *_) in zip(moved, scene.objects)]) > 0.2:
+                break
+        objects = [(x, y, r, a) for (x, y, r, _), (*_, a) in zip(moved, scene.objects)]
+        return replace(scene, region=region, objects=objects)
+    if change == "colour":
+        colour = [c for c in COLOURS if c != scene.colour][rng.integers(len(COLOURS) - 1)]
+        return replace(scene, colour=colour, tone=(_tone(rng, colour)[0],) + scene.tone[1:])
+    if change == "count":  # add one object in the group's region (or anywhere free), or remove one
+        n = len(scene.objects)
+        if n < 4 and (n == 1 or rng.random() < 0.5):
+            radius = [float(np.mean([r for _, _, r, _ in scene.objects]))]
+            for _try in range(12):  # a large lone object may leave no room for a twin: shrink the newcomer to fit
+                extra = (_place(rng, radius, scene.region, scene.objects)
+                         or _place(rng, radius, "anywhere", scene.objects))
+                if extra:
+                    return replace(scene, objects=scene.objects + extra)
+                radius = [0.85 * radius[0]]
+        if n == 1:  # never empty the scene: "no objects" is not a count the world has
+            raise RuntimeError("no room for a second object, even a small one")
+        drop = rng.integers(n)
+        return replace(scene, objects=[o for i, o in enumerate(scene.objects) if i != drop])
+    raise ValueError(f"unknown change '{change}'")
+
+
+def _shape_points(shape, x, y, r, angle):
+    """Polygon vertices of `shape` centred at (x, y) with circumradius r, turned by `angle` degrees."""
+    if shape == "square":
+        polar = [(1.0, 45 + 90 * k) for k in range(4)]
+    elif shape == "triangle":
+        polar = [(1.0, 90 + 120 * k) for k in range(3)]
+    elif shape == "star":
+        polar = [(1.0 if k % 2 == 0 else 0.45, 90 + 36 * k) for k in range(10)]
+    elif shape == "cross":  # a plus sign with arms 0.6 r wide: the 12 corners by their polar coordinates
+        w, polar = 0.3, []
+        for k in range(4):
+            for dx, dy in ((1.0, -w), (1.0, w), (w, w)):
+                polar.append((math.hypot(dx, dy), math.degrees(math.atan2(dy, dx)) + 90 * k))
+    else:
+        raise ValueError(shape)
+    return [(x + r * p * math.cos(math.radians(t + angle)), y - r * p * math.sin(math.radians(t + angle)))
+            for p, t in polar]
+
+
+def render_scene(scene, rng, image_size=64):
+    """The scene as an RGB PIL image. rng draws only the background noise, so a variation re-rendered with its
+    own noise is never pixel-identical to its reference (as two photographs never are)."""
+    big = image_size * _SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    for x, y, r, angle in scene.objects:
+        cx, cy, cr = x * big, y * big, r * big
+        if scene.shape == "circle":
+            draw.ellipse((cx - cr, cy - cr, cx + cr, cy + cr), fill=255)
+        else:
+            draw.polygon(_shape_points(scene.shape, cx, cy, cr, angle), fill=255)
+    alpha = np.asarray(mask.resize((image_size, image_size), Image.Resampling.BOX), dtype=np.float32)[..., None] / 255
+    rgb, grad_angle, grad_strength, sigma = scene.tone
+    bg = np.broadcast_to(np.array(BACKGROUNDS[scene.background], np.float32), (image_size, image_size, 3)).copy()
+    if scene.texture == "gradient":
+        t = np.linspace(-0.5, 0.5, image_size, dtype=np.float32)
+        bg += grad_strength * (math.cos(grad_angle) * t[None, :, None] + math.sin(grad_angle) * t[:, None, None])
+    elif scene.texture == "noise":
+        bg += rng.normal(0, sigma, (image_size, image_size, 1)).astype(np.float32)
+    img = bg * (1 - alpha) + np.array(rgb, np.float32) * alpha
+    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
+
+
+# ---- captions ----
+
+_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+_REGION_WORDS = {"left": ("on the left", "on the left side"), "right": ("on the right", "on the right side"),
+                 "top": ("at the top", "near the top"), "bottom": ("at the bottom", "near the bottom"),
+                 "centre": ("in the middle", "in the centre"), "anywhere": ("scattered around", "")}
+_CAPTION_TEMPLATES = (
+    "{n} {size} {colour} {noun} {where}",
+    "a photo of {n} {colour} {noun}",
+    "{n} {colour} {noun} on a {bg} background",
+    "there {is_are} {n} {size} {colour} {noun} {where}",
+    "a picture of {n} {size} {noun}, coloured {colour}",
+    "{where}, {n} {colour} {noun}",
+    "a drawing of {n} {colour} {noun} {where} on a {bg} background",
+    "{n} {noun} in {colour}",
+    "an image showing {n} {size} {colour} {noun}",
+    # generic nouns and the singular shape name whatever the count: the words the zero-shot prompts use
+    "{n} {size} {colour} {generic} in the shape of a {shape}",
+    "a picture of {n} {generic} {where}: {colour} {noun}",
+)
+_BG_WORDS = {"white": "white", "grey": "grey", "dark": "dark", "cream": "cream"}
+
+
+def scene_caption(scene, rng, template=None):
+    """A natural-language description of the scene; template is an index into _CAPTION_TEMPLATES (random if None)."""
+    n = len(scene.objects)
+    words = {
+        "n": ("a", "one", "a single")[rng.integers(3)] if n == 1 else COUNTS[n - 1],
+        "size": _SIZE_WORDS[scene.size][rng.integers(len(_SIZE_WORDS[scene.size]))],
+        "colour": scene.colour, "noun": scene.shape if n == 1 else PLURAL[scene.shape],
+        "where": _REGION_WORDS[scene.region][rng.integers(2)], "bg": _BG_WORDS[scene.background],
+        "is_are": "is" if n == 1 else "are", "shape": scene.shape,
+        "generic": ("shape", "object")[rng.integers(2)] + ("" if n == 1 else "s"),
+    }
+    if template is None:
+        template = rng.integers(len(_CAPTION_TEMPLATES))
+    text = _CAPTION_TEMPLATES[template].format(**words)
+    text = re.sub(r"\ba (?=[aeiou])", "an ", text)  # "a orange star" -> "an orange star"
+    text = re.sub(r"\s+", " ", text)
+    return re.sub(r" (?=[:,])", "", text).strip(" ,")  # an empty "where" leaves stray spaces / a leading comma
+
+
+# ---- writers ----
+
+def _save_png(img, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, format="PNG")
+
+
+def _stratified_splits(rng, flags):
+    """80/10/10 train/val/test, separately within each value of `flags` (so every split has both)."""
+    splits = [None] * len(flags)
+    for value in (True, False):
+        idx = [i for i, f in enumerate(flags) if f == value]
+        idx = [idx[j] for j in rng.permutation(len(idx))]
+        n_eval = max(1, round(0.1 * len(idx))) if len(idx) >= 3 else 0
+        for j, i in enumerate(idx):
+            splits[i] = "val" if j < n_eval else "test" if j < 2 * n_eval else "train"
+    return splits
+
+
+def _write_nights(rng, out, n_triplets, image_size):
+    # unanimous rows (kept by the reader) and 1 in 20 extra split-vote rows, in random order
+    ambiguous = rng.permutation(np.r_[np.zeros(n_triplets, bool), np.ones(n_triplets // 20, bool)])
+    rows, changes = [], []
+    for i, amb in enumerate(ambiguous):
+        ref = random_scene(rng)
+        if amb:  # two changes of the same tier: people disagree
+            kinds = list(MINOR_CHANGES if rng.random() < 0.5 else MAJOR_CHANGES)
+        else:
+            kinds = [MINOR_CHANGES[rng.integers(2)], MAJOR_CHANGES[rng.integers(2)]]
+        if rng.random() < 0.5:
+            kinds.reverse()  # kinds = [left change, right change]
+        left, right = (change_scene(rng, ref, k) for k in kinds)
+        rel = {"ref_path": f"ref/{i // 1000:03d}/{i % 1000:03d}.png",
+               "left_path": f"distort/{i // 1000:03d}/{i % 1000:03d}_0.png",
+               "right_path": f"distort/{i // 1000:03d}/{i % 1000:03d}_1.png"}
+        for key, scene in (("ref_path", ref), ("left_path", left), ("right_path", right)):
+            _save_png(render_scene(scene, rng, image_size), os.path.join(out, rel[key]))
+        if amb:
+            votes = int(rng.integers(3, 6))
+            right_vote = round(int(rng.integers(1, votes)) / votes, 4)
+        else:
+            votes, right_vote = int(rng.integers(6, 11)), float(kinds[1] in MINOR_CHANGES)
+        rows.append({"id": i, "left_vote": round(1 - right_vote, 4), "right_vote": right_vote, "votes": votes, **rel,
+                     "is_imagenet": ref.shape in IMAGENET_SHAPES, "prompt": scene_caption(ref, rng, template=1)})
+        changes.append({"id": i, "left_change": kinds[0], "right_change": kinds[1]})
+    kept = [i for i, amb in enumerate(ambiguous) if not amb]
+    for i, split in zip(kept, _stratified_splits(rng, [rows[i]["is_imagenet"] for i in kept])):
+        rows[i]["split"] = split
+    for i in np.flatnonzero(ambiguous):
+        rows[i]["split"] = ("train", "val", "test")[rng.choice(3, p=[0.8, 0.1, 0.1])]
+    for name, header, table in (("data.csv", SYNTH_NIGHTS_HEADER, rows),
+                                ("changes.csv", ("id", "left_change", "right_change"), changes)):
+        with open(os.path.join(out, name), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(table)
+    return len(rows)
+
+
+def _tar_add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), _TAR_MTIME, 0o444, "bigdata", "bigdata"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shards(rng, out, n_pairs, samples_per_shard, image_size):
+    # img2dataset's naming: shard s is f"{s:05d}.tar" and its j-th sample has key f"{s:05d}{j:04d}" (at most 10^4
+    # samples per shard). Members per sample come in webdataset's TarWriter order (sorted extensions).
+    if not 1 <= samples_per_shard <= 10_000:
+        raise ValueError("samples_per_shard must be in 1..10000 (img2dataset's 4-digit sample index)")
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for s in range(math.ceil(n_pairs / samples_per_shard)):
+        paths.append(os.path.join(out, f"{s:05d}.tar"))
+        with tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT) as tar:
+            for j in range(min(samples_per_shard, n_pairs - s * samples_per_shard)):
+                key = f"{s:05d}{j:04d}"
+                scene = random_scene(rng)
+                text = scene_caption(scene, rng)
+                jpg = io.BytesIO()
+                render_scene(scene, rng, image_size).save(jpg, format="JPEG", quality=95)
+                meta = {"url": f"synthetic://{key}", "key": key, "status": "success", "error_message": None,
+                        "width": image_size, "height": image_size, "original_width": image_size,
+                        "original_height": image_size, "caption": text}
+                _tar_add(tar, f"{key}.jpg", jpg.getvalue())
+                _tar_add(tar, f"{key}.json", json.dumps(meta, indent=4).encode("utf-8"))
+                _tar_add(tar, f"{key}.txt", text.encode("utf-8"))
+        n = min(samples_per_shard, n_pairs - s * samples_per_shard)
+        with open(os.path.join(out, f"{s:05d}_stats.json"), "w") as f:  # img2dataset writes one per shard
+            json.dump({"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0}, f, indent=4)
+    return paths
+
+
+def _write_zeroshot(rng, out, n_test_per_class, image_size):
+    dirs, described = {}, {}
+    for task, (classnames, templates) in synthetic_zeroshot_tasks().items():
+        dirs[task] = os.path.join(out, task, "test")
+        for name in classnames:
+            for i in range(n_test_per_class):
+                # the shape task shows one object, as its prompts ("a photo of a star.") say
+                scene = random_scene(rng, **{task: name, **({"count": "one"} if task == "shape" else {})})
+                _save_png(render_scene(scene, rng, image_size), os.path.join(dirs[task], name, f"{i}.png"))
+        described[task] = {"folder": f"{task}/test", "classnames": classnames, "templates": templates}
+    with open(os.path.join(out, ZEROSHOT_TASKS_FILE), "w") as f:  # the evaluator reads the tasks from here
+        json.dump(described, f, indent=1)
+    return dirs
+
+
+def _write_retrieval(rng, out, n_retrieval, image_size):
+    images, sentid = [], 0
+    for i in range(n_retrieval):
+        scene = random_scene(rng)
+        filename = f"{i:05d}.png"
+        _save_png(render_scene(scene, rng, image_size), os.path.join(out, "images", filename))
+        # 5 different templates -> 5 distinct captions (the templates differ in their fixed words)
+        raws = [scene_caption(scene, rng, template=t) for t in rng.choice(len(_CAPTION_TEMPLATES), 5, replace=False)]
+        sentences = [{"raw": r, "tokens": r.replace(",", "").split(), "imgid": i, "sentid": sentid + k}
+                     for k, r in enumerate(raws)]
+        images.append({"filepath": "images", "filename": filename, "imgid": i, "split": "test",
+                       "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
+        sentid += 5
+    path = os.path.join(out, "dataset_synthetic.json")
+    with open(path, "w") as f:
+        json.dump({"images": images, "dataset": "synthetic"}, f)
+    return path
+
+
+_PARTS = ("nights", "shards", "zeroshot", "retrieval")
+_MARKER = "synthetic_world.json"
+
+
+def make_synthetic_world(root, seed=0, n_pairs=5000, n_triplets=2000, n_test_per_class=40, n_retrieval=500,
+                         image_size=64, samples_per_shard=1000):
+    """Write the synthetic world under `root` (see the section comment) and return its paths as a SyntheticWorld.
+
+    n_pairs image-caption pairs in shards of samples_per_shard; n_triplets unanimous NIGHTS triplets (plus
+    n_triplets // 20 split-vote rows the reader filters out); n_test_per_class images per class of each zero-shot
+    task; n_retrieval images with 5 captions each. Re-running on a root this function wrote replaces its parts;
+    a root holding any of nights/, shards/, zeroshot/, retrieval/ that it did not write is refused, so real data
+    is never deleted."""
+    marker = os.path.join(root, _MARKER)
+    present = [p for p in _PARTS if os.path.exists(os.path.join(root, p))]
+    if present and not os.path.isfile(marker):
+        raise FileExistsError(f"{root} already holds {', '.join(present)} not written by make_synthetic_world; "
+                              f"choose an empty folder")
+    for p in present:
+        shutil.rmtree(os.path.join(root, p))
+    os.makedirs(root, exist_ok=True)
+    # one child generator per part: the parts do not shift each other when one's size changes
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(_PARTS))]
+    nights = os.path.join(root, "nights")
+    n_rows = _write_nights(rngs[0], nights, n_triplets, image_size)
+    shards = _write_shards(rngs[1], os.path.join(root, "shards"), n_pairs, samples_per_shard, image_size)
+    zeroshot = _write_zeroshot(rngs[2], os.path.join(root, "zeroshot"), n_test_per_class, image_size)
+    retrieval_root = os.path.join(root, "retrieval")
+    retrieval_json = _write_retrieval(rngs[3], retrieval_root, n_retrieval, image_size)
+    args = {"seed": seed, "n_pairs": n_pairs, "n_triplets": n_triplets, "n_test_per_class": n_test_per_class,
+            "n_retrieval": n_retrieval, "image_size": image_size, "samples_per_shard": samples_per_shard}
+    with open(marker, "w") as f:
+        json.dump(args, f, indent=1)
+    pattern = os.path.join(root, "shards", f"{{00000..{len(shards) - 1:05d}}}.tar") if shards else None
+    return SyntheticWorld(root, nights, shards, pattern, zeroshot, retrieval_json, retrieval_root,
+                          counts={"nights_rows": n_rows, **args})

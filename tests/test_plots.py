@@ -1,0 +1,119 @@
+"""plots.py: real PNG files with plotted content, from real log.jsonl / scaling.csv files; bad lines named."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluate as ev
+import plots
+
+
+def _log(path, n_steps, seed, half_line=False):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for step in range(1, n_steps + 1):  # the records train_clip.py writes, and its epoch markers
+            f.write(json.dumps({"step": step, "epoch": 0, "samples": 64 * step, "loss": 5.5 - 0.02 * step,
+                                "lr": 1e-3 * min(1, step / 5), "logit_scale": 14.3 + 0.1 * step,
+                                "samples_per_s": float(rng.uniform(200, 300)), "data_wait": 0.3,
+                                "skipped": {"no image": 0}}) + "\n")
+            if step % 10 == 0:
+                f.write(json.dumps({"epoch": step // 10, "step": step, "samples": 64 * step}) + "\n")
+        if half_line:
+            f.write('{"step": 99, "loss": 1.')
+    return str(path)
+
+
+def _plotted_fraction(png):
+    """The share of pixels that are neither the white canvas nor near-white: 0 for a blank figure."""
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+        rgb = np.asarray(im.convert("RGB"), np.int16)
+    return float((np.abs(rgb - 255).sum(-1) > 30).mean()), rgb
+
+
+def test_curves_png_has_every_run_in_every_panel(tmp_path):
+    a = _log(tmp_path / "a.jsonl", 30, seed=0)
+    b = _log(tmp_path / "b.jsonl", 20, seed=1, half_line=True)  # a run still going: its last line is half written
+    out = plots.plot_curves([a, b], str(tmp_path / "curves.png"), labels=["PI", "baseline"])
+    frac, rgb = _plotted_fraction(out)
+    assert 0.01 < frac < 0.6  # lines, axes and text, not a blank (or black) canvas
+    # matplotlib's first two colours (C0 blue, C1 orange) both appear: both runs are drawn
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        assert (np.abs(rgb - np.array(colour)).sum(-1) < 40).sum() > 50, colour
+    # the same plot from the command line
+    plots.main(["curves", a, b, "--out", str(tmp_path / "cli.png")])
+    assert _plotted_fraction(tmp_path / "cli.png")[0] > 0.01
+
+
+def test_read_log_names_the_bad_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"log.jsonl:2"):
+        plots.read_log(str(path))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"epoch": 1, "step": 3}\n')
+    with pytest.raises(ValueError, match="no step records"):
+        plots.plot_curves([str(empty)], str(tmp_path / "x.png"))
+
+
+def test_scaling_png_log_log_with_fits(tmp_path):
+    n = [1000, 2000, 4000, 8000]
+    rows = [{"run": run, "epoch": i + 1, "samples_seen": s, "shape top1": a * s ** beta, "colour top1": 50.0}
+            for run, a, beta in (("pi", 2.0, 0.3), ("baseline", 1.5, 0.25)) for i, s in enumerate(n)]
+    out = plots.plot_scaling(rows, str(tmp_path / "scaling.png"), curves=["shape top1", "colour top1"])
+    frac, rgb = _plotted_fraction(out)
+    assert 0.01 < frac < 0.6
+    for colour in ((31, 119, 180), (255, 127, 14)):  # both runs on the same axes
+        assert (np.abs(rgb - np.array(colour)).sum(-1) < 40).sum() > 50, colour
+    # the exponent in the legend is the least-squares fit evaluate.fit_power_law gives (exact points: β itself)
+    fit = ev.fit_power_law(n, [2.0 * s ** 0.3 for s in n])
+    assert fit["beta"] == pytest.approx(0.3)
+
+
+def test_scaling_without_any_fittable_curve_is_a_clear_error(tmp_path):
+    rows = [{"run": "pi", "samples_seen": 1000, "shape top1": 0.0}, {"run": "pi", "samples_seen": 2000,
+                                                                     "shape top1": 0.0}]
+    with pytest.raises(ValueError, match="two positive points"):
+        plots.plot_scaling(rows, str(tmp_path / "s.png"))
+
+
+def test_evaluate_scaling_draws_pi_and_baseline_on_shared_axes(tmp_path):
+    """evaluate.py --scaling with two run folders: one CSV with a run column, fits per run, and scaling.png."""
+    import csv
+
+    import torch
+
+    import data
+    from model import CLIP, CLIPConfig
+    from synthetic_world import make_synthetic_world
+
+    world = make_synthetic_world(str(tmp_path / "world"), seed=0, n_pairs=0, n_triplets=20, n_test_per_class=3,
+                                 n_retrieval=6, image_size=32)
+    merges = str(tmp_path / "bpe.txt.gz")
+    with open(world.retrieval_json) as f:
+        caps = [s["raw"] for im in json.load(f)["images"] for s in im["sentences"]]
+    data.learn_bpe(caps * 3, merges, 64)
+    vocab = data.Tokenizer(merges).vocab_size
+    (tmp_path / "cfg.json").write_text(json.dumps({"model": "tiny", "vocab_size": vocab}))
+    for run, seed in (("pi", 0), ("baseline", 10)):
+        (tmp_path / run).mkdir()
+        for epoch in (1, 2, 3):
+            torch.manual_seed(seed + epoch)
+            torch.save(CLIP(CLIPConfig.tiny(vocab_size=vocab)).state_dict(), tmp_path / run / f"epoch_{epoch}.pt")
+    out = tmp_path / "out"
+    ev.main(["--scaling", f"{tmp_path / 'pi'},{tmp_path / 'baseline'}", "--samples-per-epoch", "500",
+             "--config-json", str(tmp_path / "cfg.json"), "--merges", merges, "--synthetic", world.root,
+             "--datasets", "", "--retrieval", "", "--out", str(out), "--workers", "0", "--device", "cpu"])
+    rows = list(csv.DictReader(open(out / "scaling.csv")))
+    assert [(r["run"], int(r["samples_seen"])) for r in rows] == [(run, 500 * e) for run in ("pi", "baseline")
+                                                                  for e in (1, 2, 3)]
+    fits = json.loads((out / "scaling_fit.json").read_text())
+    for run in ("pi", "baseline"):
+        accs = [float(r["synthetic shape top1"]) for r in rows if r["run"] == run]
+        want = ev.fit_power_law([500, 1000, 1500], accs)
+        assert (fits[f"{run}: synthetic shape top1"] or {}).get("beta") == pytest.approx((want or {}).get("beta"))
+    frac, rgb = _plotted_fraction(out / "scaling.png")
+    assert frac > 0.01
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        assert (np.abs(rgb - np.array(colour)).sum(-1) < 40).sum() > 20, colour
