@@ -81,8 +81,8 @@ def experiment(out, seed, size):
     # instead of the paper's ln(100) start, which leaves a model this small flat for most of its short budget; and
     # no augmentation, since the toy captions name colours and positions that colour jitter, grayscale and flips
     # would falsify. Stage 1 keeps its augmentations (drawn once per triplet).
-    stage2 = ["--train-data", world.shard_pattern, "--merges", merges, "--epochs", size["clip_epochs"],
-              "--batch-size", size["clip_batch"], "--lr", 2e-3, "--warmup", 20, "--save-every", 100,
+    stage2 = ["--data", world.shard_pattern, "--merges", merges, "--epochs", size["clip_epochs"],
+              "--batch-size", size["clip_batch"], "--lr", 2e-3, "--warmup-steps", 20, "--save-every-steps", 100,
               "--logit-scale-init", 14.29, "--no-augment", *common]
     run("train_clip.py", *stage2, "--out", f"{out}/pi", "--init", f"{out}/nights/nights.pt")
     run("train_clip.py", *stage2, "--out", f"{out}/baseline")
@@ -96,7 +96,7 @@ def experiment(out, seed, size):
     run("evaluate.py", "--checkpoint", f"{out}/pi/{final}", "--compare", f"{out}/baseline/{final}",
         "--out", f"{out}/eval_pi_vs_baseline", *evaluation)
     run("evaluate.py", "--checkpoint", f"{out}/qkv/finetuned.pt", "--compare", f"{out}/baseline/{final}",
-        "--config-json", f"{out}/baseline/config.json", "--out", f"{out}/eval_qkv_vs_baseline", *evaluation)
+        "--config", f"{out}/baseline/config.json", "--out", f"{out}/eval_qkv_vs_baseline", *evaluation)
     # Figures: zero-shot accuracy of every epoch's checkpoint against samples seen, and the training curves
     run("evaluate.py", "--scaling", f"{out}/pi,{out}/baseline", "--samples-per-epoch", world.counts["n_pairs"],
         "--out", f"{out}/figures", *evaluation)

@@ -103,7 +103,7 @@ def test_evaluate_scaling_draws_pi_and_baseline_on_shared_axes(tmp_path):
             torch.save(CLIP(CLIPConfig.tiny(vocab_size=vocab)).state_dict(), tmp_path / run / f"epoch_{epoch}.pt")
     out = tmp_path / "out"
     ev.main(["--scaling", f"{tmp_path / 'pi'},{tmp_path / 'baseline'}", "--samples-per-epoch", "500",
-             "--config-json", str(tmp_path / "cfg.json"), "--merges", merges, "--synthetic", world.root,
+             "--config", str(tmp_path / "cfg.json"), "--merges", merges, "--synthetic", world.root,
              "--datasets", "", "--retrieval", "", "--out", str(out), "--workers", "0", "--device", "cpu"])
     rows = list(csv.DictReader(open(out / "scaling.csv")))
     assert [(r["run"], int(r["samples_seen"])) for r in rows] == [(run, 500 * e) for run in ("pi", "baseline")
