@@ -79,7 +79,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
 
 import data
-from model import (CLIP, MODEL_PRESETS, add_renamed, autocast, config_for, config_from_dict, load_checkpoint,
+from model import (CLIP, MODEL_PRESETS, add_renamed, autocast, config_for, load_checkpoint,
                    load_state_dict_checked, preset_config_name, triplet_distances, two_afc_scores)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1314,12 +1314,11 @@ def write_scaling(rows, out_dir):
 # 10. Command line
 
 def load_model(checkpoint, preset=None, config=None, device="cpu"):
-    """CLIP with a checkpoint's weights, the architecture found by model.config_for (--config, --model, a "config"
-    entry saved in the checkpoint, config.json beside it, else ViT-B/32)."""
+    """CLIP with a checkpoint's weights, the architecture found by model.config_for (--config, the config the run
+    recorded in or beside the checkpoint, --model, else ViT-B/32)."""
     sd = load_checkpoint(checkpoint)
-    saved = sd.get("config") if isinstance(sd.get("config"), dict) and not (config or preset) else None
-    cfg = config_from_dict(saved, what=f"{checkpoint} [config]") if saved else config_for(checkpoint, preset, config)
-    model = CLIP(cfg)
+    saved = sd.get("config") if isinstance(sd.get("config"), dict) else None
+    model = CLIP(config_for(checkpoint, preset=preset, config=config, saved=saved))
     load_state_dict_checked(model, sd, what=checkpoint)
     return model.to(device).eval()
 
@@ -1356,7 +1355,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="plain state dict (torch.save(model.state_dict())) of the model to evaluate")
     p.add_argument("--model", type=preset_config_name,
-                   help=f"architecture preset, one of {', '.join(MODEL_PRESETS)} (default: from the checkpoint)")
+                   help=f"architecture preset, one of {', '.join(MODEL_PRESETS)}, for a checkpoint without a recorded "
+                        "config (e.g. OpenAI's weights)")
     p.add_argument("--config", help="CLIPConfig fields as JSON (default: config.json beside the checkpoint)")
     add_renamed(p, "--config-json", "--config", "config")
     p.add_argument("--merges", help="BPE merges file (bpe_simple_vocab_16e6.txt.gz format) the model was trained with")

@@ -14,9 +14,9 @@ this script writes has LoRA merged back into plain `in_proj_weight`s, so it load
     python finetune_qkv.py --checkpoint runs/baseline/clip.pt --data /path/to/nights --out runs/ft_qkv
     python finetune_qkv.py --checkpoint runs/baseline/clip.pt --data ... --out runs/ft_lora --lora 16
 
-The model is rebuilt from config.json beside the checkpoint (or --config, or --model; model.config_for). The training
-loop, evaluation,
-checkpointing and --resume are those of train_nights.py; the result is <out>/finetuned.pt.
+The model is rebuilt by model.config_for: --config, else the config.json beside the checkpoint, else --model. The
+training loop, evaluation, checkpointing and --resume are those of train_nights.py; the result is
+<out>/finetuned.pt.
 """
 import argparse
 import math

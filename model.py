@@ -629,23 +629,23 @@ def config_from_dict(d, what="config"):
     return CLIPConfig(**{**base, **d})
 
 
-def config_for(checkpoint=None, preset=None, config=None):
-    """The architecture to rebuild for a checkpoint, most explicit first: a config JSON file (`--config`), a preset
-    name (`--model`), the "config" entry a training state carries, the config.json our scripts write beside every
-    checkpoint, else ViT-B/32."""
+def config_for(checkpoint=None, preset=None, config=None, saved=None):
+    """The architecture to rebuild for a checkpoint, most exact first: a config JSON file (`--config`); the config
+    the run recorded (`saved`: the "config" entry of a training state, else the config.json our scripts write beside
+    every checkpoint), which describes the weights exactly, a learned vocabulary included; a preset name
+    (`--model`, for weights trained elsewhere, e.g. OpenAI's); else ViT-B/32."""
     if config:
         if not os.path.isfile(config):
             raise FileNotFoundError(f"--config {config} not found")
         with open(config) as f:
             return config_from_dict(json.load(f), what=config)
-    if preset:
-        return preset_config(preset)
-    if checkpoint:
-        beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
-        if os.path.isfile(beside):
-            with open(beside) as f:
-                return config_from_dict(json.load(f), what=beside)
-    return CLIPConfig()
+    if saved:
+        return config_from_dict(saved, what=f"{checkpoint} [config]")
+    beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json") if checkpoint else None
+    if beside and os.path.isfile(beside):
+        with open(beside) as f:
+            return config_from_dict(json.load(f), what=beside)
+    return preset_config(preset or "ViT-B-32")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -352,3 +352,18 @@ def test_one_flag_vocabulary_across_the_training_scripts():
         actions = {name: next(a for a in p._actions if flag in a.option_strings) for name, p in parsers.items()}
         kinds = {(type(a).__name__, a.dest, a.type) for a in actions.values()}
         assert len(kinds) == 1, (flag, kinds)
+
+
+def test_config_for_prefers_what_the_run_recorded(tmp_path):
+    import json
+    from model import config_for
+    ckpt = tmp_path / "epoch_1.pt"
+    assert config_for(str(ckpt), preset="tiny") == CLIPConfig.tiny()  # nothing recorded: the preset
+    (tmp_path / "config.json").write_text(json.dumps({"model": "tiny", "vocab_size": 600}))
+    assert config_for(str(ckpt), preset="tiny").vocab_size == 600  # the run's own config, a learned vocabulary
+    assert config_for(str(ckpt), saved={"model": "tiny", "vocab_size": 700}).vocab_size == 700
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"model": "ViT-B-32-quickgelu"}))
+    assert config_for(str(ckpt), config=str(other)).quick_gelu  # an explicit --config wins
+    with pytest.raises(ValueError, match="not CLIPConfig fields: widht"):
+        config_for(str(ckpt), saved={"widht": 3})
