@@ -147,7 +147,7 @@ def resolve_recipe(args):
 
 def main(argv=None):
     args = resolve_recipe(parse_training_args(get_parser(), argv))
-    d = setup_distributed(timeout_minutes=args.dist_timeout)
+    dist_env = setup_distributed(timeout_minutes=args.dist_timeout)
     try:
         torch.manual_seed(args.seed)  # the LoRA initialisation, identical on every rank
         model = CLIP(config_for(args.checkpoint, preset=args.model, config=args.config))
@@ -158,7 +158,7 @@ def main(argv=None):
             # §3.3: only Q, K, V of every vision attention block are unfrozen (with LoRA: only the LoRA factors)
             p.requires_grad_(".lora_" in name if args.lora else is_qkv(name))
         model.set_grad_checkpointing(args.grad_checkpointing)
-        return train(args, model, d, out_name="finetuned.pt", export=merged_state_dict)
+        return train(args, model, dist_env, out_name="finetuned.pt", export=merged_state_dict)
     finally:
         cleanup_distributed()
 

@@ -539,6 +539,8 @@ def cosine_lr(step, total_steps, warmup_steps, base_lr):
 
 @dataclass
 class Dist:
+    """Where this process stands in a torchrun job (the scripts call it dist_env): global rank (which data it reads),
+    world size, local rank (which GPU of its node) and its device."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

@@ -111,7 +111,7 @@ def device_images(images, params, device, chunk=1024):
     return out
 
 
-def train_step(model, images, tokens, accum_steps, autocast, params=None):
+def train_step(model, images, tokens, accum_steps, amp, params=None):
     """Forward and backward of this rank's share of one global batch. Returns this rank's loss (detached); the
     gradients left in the parameters are, after DDP's averaging, those of the full-batch loss (eq. 3).
 
@@ -123,7 +123,7 @@ def train_step(model, images, tokens, accum_steps, autocast, params=None):
     device = tokens.device
     if accum_steps == 1:
         x = device_images(images, params, device)  # outside autocast: the augmentation stays fp32
-        with autocast:
+        with amp:
             image_f, text_f, scale = model(x, tokens)
         loss = clip_loss(image_f, text_f, scale)  # outside autocast: the softmax over N logits in fp32
         loss.backward()
@@ -142,7 +142,7 @@ def train_step(model, images, tokens, accum_steps, autocast, params=None):
     with torch.no_grad():
         for i, t, p in chunks:
             x = device_images(i, p, device)
-            with autocast:
+            with amp:
                 feats.append(inner(x, t))
     image_f = torch.cat([f[0] for f in feats]).float().requires_grad_()
     text_f = torch.cat([f[1] for f in feats]).float().requires_grad_()
@@ -155,7 +155,7 @@ def train_step(model, images, tokens, accum_steps, autocast, params=None):
         # DDP all-reduces the accumulated gradients once, in the last chunk's backward
         with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
             x = device_images(i, p, device)
-            with autocast:
+            with amp:
                 fi, ft, s = model(x, t)
             # the logit scale's gradient rides on the last chunk, so that backward reaches every parameter
             g_scale = scale.grad if last else torch.zeros_like(scale.grad)
@@ -218,45 +218,48 @@ class Progress:
     last_good: str = None  # the newest state.pt, named when a non-finite loss stops the run
 
 
-def start_or_resume(args, model, optimizer, state_path, loader, d):
+def start_or_resume(args, model, optimizer, state_path, loader, dist_env):
     """A fresh Progress, or the one state.pt holds (weights and optimiser restored into model and optimizer)."""
     if not args.resume:
         return Progress()
     state = resume_training_state(state_path, model, optimizer)
-    progress = Progress(state["step"], skipped=rank_counts(state.get("skipped", []), d.rank, d.world_size),
+    skipped = rank_counts(state.get("skipped", []), dist_env.rank, dist_env.world_size)
+    progress = Progress(state["step"], skipped=skipped,
                         last_good=state_path)
     saved = state.get("data", {})
-    if (saved.get("world_size"), saved.get("workers")) == (d.world_size, args.workers):
-        progress.positions = saved["positions"][d.rank]
+    if (saved.get("world_size"), saved.get("workers")) == (dist_env.world_size, args.workers):
+        progress.positions = saved["positions"][dist_env.rank]
     elif loader.kind == "tar" and progress.step % loader.steps_per_epoch:
-        print(f"resuming with {d.world_size} ranks x {args.workers} workers instead of {saved.get('world_size')} x "
+        print(f"resuming with {dist_env.world_size} ranks x {args.workers} workers instead of "
+              f"{saved.get('world_size')} x "
               f"{saved.get('workers')}: the rest of this epoch is read from the start of the shards")
     return progress
 
 
-def save_state(state_path, model, optimizer, progress, args, d):
+def save_state(state_path, model, optimizer, progress, args, dist_env):
     """Every rank calls this (it gathers each rank's data positions and skip counters); rank 0 writes."""
     mine = (progress.positions, dict(progress.skipped))
     per_rank = [mine]
     if dist.is_initialized():
-        per_rank = [None] * d.world_size
+        per_rank = [None] * dist_env.world_size
         dist.all_gather_object(per_rank, mine)
     state = training_state(model, optimizer, progress.step, skipped=[s for _, s in per_rank], args=vars(args),
                            config=dataclasses.asdict(model.config),
-                           data=dict(world_size=d.world_size, workers=args.workers, positions=[p for p, _ in per_rank]))
-    if d.is_main:
+                           data=dict(world_size=dist_env.world_size, workers=args.workers,
+                                     positions=[p for p, _ in per_rank]))
+    if dist_env.is_main:
         save_checkpoint(state, state_path)
     progress.last_good = state_path
 
 
-def optimizer_step(model, raw, optimizer, batch, amp, args, progress, d):
+def optimizer_step(model, raw, optimizer, batch, amp, args, progress, dist_env):
     """One step of eq. 3 on the global batch. The uint8 images stay on the host: train_step moves and augments them
     chunk by chunk. Returns the full-batch loss (the mean over ranks)."""
-    tokens = batch["tokens"].to(d.device, non_blocking=True)
+    tokens = batch["tokens"].to(dist_env.device, non_blocking=True)
     loss = train_step(model, batch["images"], tokens, args.accum_steps, amp, params=batch["params"])
     # checking the all-rank loss on every rank stops all of them together, before the optimiser touches the
     # weights, so the last state.pt stays the last good state
-    loss = all_ranks_sum([loss.item()], d.device)[0] / d.world_size
+    loss = all_ranks_sum([loss.item()], dist_env.device)[0] / dist_env.world_size
     check_finite(torch.tensor(loss), progress.step + 1, progress.last_good)  # numbered as in the log
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -281,9 +284,9 @@ class Meter:
         return seconds, wait / max(seconds, 1e-9)
 
 
-def log_step(logger, bar, raw, progress, epoch, loss, lr, meter, args, d):
+def log_step(logger, bar, raw, progress, epoch, loss, lr, meter, args, dist_env):
     """One log.jsonl line: loss, learning rate, temperature, throughput, data wait, all-rank skip counts."""
-    counts = dict(zip(COUNTS, map(int, all_ranks_sum([progress.skipped[k] for k in COUNTS], d.device))))
+    counts = dict(zip(COUNTS, map(int, all_ranks_sum([progress.skipped[k] for k in COUNTS], dist_env.device))))
     seconds, data_wait = meter.read_and_reset()
     record = dict(step=progress.step, epoch=epoch, samples=progress.step * args.batch_size, loss=loss, lr=lr,
                   logit_scale=raw.logit_scale.exp().item(), samples_per_s=args.log_every * args.batch_size / seconds,
@@ -293,17 +296,17 @@ def log_step(logger, bar, raw, progress, epoch, loss, lr, meter, args, d):
                     skipped=sum(record["skipped"].values()))
 
 
-def end_of_epoch(epoch, raw, optimizer, progress, logger, tokenizer, zeroshot, state_path, args, d):
+def end_of_epoch(epoch, raw, optimizer, progress, logger, tokenizer, zeroshot, state_path, args, dist_env):
     """epoch_<n>.pt and its zero-shot check first, state.pt last: a run killed in between resumes from the previous
     state.pt and redoes them, instead of skipping them for good."""
     progress.positions = {}  # the next epoch's streams start from their beginning
-    if d.is_main:
+    if dist_env.is_main:
         save_checkpoint(raw.state_dict(), os.path.join(args.out, f"epoch_{epoch}.pt"))
         record = dict(epoch=epoch, step=progress.step, samples=progress.step * args.batch_size)
         if zeroshot:
             record["zeroshot"] = zero_shot_check(raw, tokenizer, zeroshot, args)
         logger.log(**record)
-    save_state(state_path, raw, optimizer, progress, args, d)
+    save_state(state_path, raw, optimizer, progress, args, dist_env)
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for the checkpoint and the zero-shot check (--dist-timeout)
 
@@ -314,10 +317,10 @@ def end_of_epoch(epoch, raw, optimizer, progress, logger, tokenizer, zeroshot, s
 
 def main(argv=None):
     args = get_args(argv)
-    d = setup_distributed(timeout_minutes=args.dist_timeout)
-    amp = autocast(d.device, args.precision)
+    dist_env = setup_distributed(timeout_minutes=args.dist_timeout)
+    amp = autocast(dist_env.device, args.precision)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if d.device.type == "cuda":
+    if dist_env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (the loss) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     zeroshot = []
@@ -328,32 +331,34 @@ def main(argv=None):
     state_path = os.path.join(args.out, "state.pt")
     args.resume = resuming(args.resume, state_path)
     tokenizer = data.Tokenizer(args.merges)
-    raw = build_model(args, tokenizer.vocab_size, d.device)
+    raw = build_model(args, tokenizer.vocab_size, dist_env.device)
     optimizer = adamw(raw, args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2), eps=args.eps)
-    if args.batch_size % (d.world_size * args.accum_steps):
-        raise ValueError(f"--batch-size {args.batch_size} must divide into {d.world_size} ranks x "
+    if args.batch_size % (dist_env.world_size * args.accum_steps):
+        raise ValueError(f"--batch-size {args.batch_size} must divide into {dist_env.world_size} ranks x "
                          f"{args.accum_steps} chunks")
     loader = data.image_text_loader(
-        args.data, tokenizer, raw.config.image_size, args.batch_size, rank=d.rank, world_size=d.world_size,
+        args.data, tokenizer, raw.config.image_size, args.batch_size, rank=dist_env.rank,
+        world_size=dist_env.world_size,
         workers=args.workers, seed=args.seed, samples_per_epoch=args.train_num_samples,
         buffer_size=args.shuffle_buffer, csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
-        csv_sep=args.csv_separator, context_length=raw.config.context_length, pin_memory=d.device.type == "cuda",
+        csv_sep=args.csv_separator, context_length=raw.config.context_length, pin_memory=dist_env.device.type == "cuda",
         augment=not args.no_augment, micro_batch=args.micro_batch, shards_per_worker=args.shards_per_worker)
     steps_per_epoch = loader.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
 
-    progress = start_or_resume(args, raw, optimizer, state_path, loader, d)
+    progress = start_or_resume(args, raw, optimizer, state_path, loader, dist_env)
     model = torch.compile(raw) if args.compile else raw
-    if d.world_size > 1:
-        model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    if d.is_main:
+    if dist_env.world_size > 1:
+        model = DDP(model, device_ids=[dist_env.local_rank] if dist_env.device.type == "cuda" else None)
+    if dist_env.is_main:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(raw.config), f, indent=1)
-        print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {d.world_size} rank(s); {steps_per_epoch} "
-              f"steps/epoch of {args.batch_size} = {loader.samples_per_epoch:,} samples; {total_steps} steps")
-    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=d.is_main, resume=args.resume)
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not d.is_main, dynamic_ncols=True)
+        print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {dist_env.world_size} rank(s); "
+              f"{steps_per_epoch} steps/epoch of {args.batch_size} = {loader.samples_per_epoch:,} samples; "
+              f"{total_steps} steps")
+    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=dist_env.is_main, resume=args.resume)
+    bar = tqdm(total=total_steps, initial=progress.step, disable=not dist_env.is_main, dynamic_ncols=True)
     meter = Meter()
     try:
         while progress.step < total_steps:
@@ -361,7 +366,8 @@ def main(argv=None):
             batches = iter(loader.epoch(epoch, progress.step % steps_per_epoch, progress.positions))
             while progress.step < (epoch + 1) * steps_per_epoch:
                 if args.stop_after_steps is not None and progress.step >= args.stop_after_steps:
-                    save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args, d=d)
+                    save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args,
+                               dist_env=dist_env)
                     return raw  # a planned, resumable stop
                 t0 = time.perf_counter()
                 batch = next(batches)
@@ -371,16 +377,19 @@ def main(argv=None):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # step (eq. 3 over the global batch), stopping on a non-finite loss
-                loss = optimizer_step(model, raw, optimizer, batch, amp=amp, args=args, progress=progress, d=d)
+                loss = optimizer_step(model, raw, optimizer, batch, amp=amp, args=args, progress=progress,
+                                      dist_env=dist_env)
                 bar.update(1)
                 # log and save
                 if progress.step % args.log_every == 0:
-                    log_step(logger, bar, raw, progress, epoch=epoch, loss=loss, lr=lr, meter=meter, args=args, d=d)
+                    log_step(logger, bar, raw, progress, epoch=epoch, loss=loss, lr=lr, meter=meter, args=args,
+                             dist_env=dist_env)
                 if args.save_every_steps and progress.step % args.save_every_steps == 0 \
                         and progress.step % steps_per_epoch:
-                    save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args, d=d)
+                    save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args,
+                               dist_env=dist_env)
             end_of_epoch(epoch + 1, raw, optimizer, progress, logger=logger, tokenizer=tokenizer, zeroshot=zeroshot,
-                         state_path=state_path, args=args, d=d)
+                         state_path=state_path, args=args, dist_env=dist_env)
     finally:
         bar.close()
         cleanup_distributed()

@@ -109,19 +109,21 @@ class NightsData:
                           pin_memory=pin_memory)
 
 
-def nights_data(args, image_size, d):
+def nights_data(args, image_size, dist_env):
     """Train and val triplets for this rank. Every path in the splits is checked here, before any training."""
     train_set = NightsTriplets(args.data, "train", image_size, augment=not args.no_augment, subset=args.subset,
                                subset_seed=args.subset_seed, seed=args.seed)
     val_set = NightsTriplets(args.data, "val", image_size)
-    if args.batch_size % d.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {d.world_size} processes")
-    per_rank = args.batch_size // d.world_size
+    if args.batch_size % dist_env.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {dist_env.world_size} processes")
+    per_rank = args.batch_size // dist_env.world_size
     # The data order is a function of (seed, epoch) only (DistributedSampler seeds a generator with seed + epoch),
     # and rank r takes every world_size-th index, so together the ranks see the same batch as one process would.
-    sampler = DistributedSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=args.seed)
-    val_loader = DataLoader(Subset(val_set, range(d.rank, len(val_set), d.world_size)), batch_size=per_rank,
-                            num_workers=args.workers, pin_memory=d.device.type == "cuda")
+    sampler = DistributedSampler(train_set, num_replicas=dist_env.world_size, rank=dist_env.rank, shuffle=True,
+                                 seed=args.seed)
+    val_shard = Subset(val_set, range(dist_env.rank, len(val_set), dist_env.world_size))
+    val_loader = DataLoader(val_shard, batch_size=per_rank,
+                            num_workers=args.workers, pin_memory=dist_env.device.type == "cuda")
     return NightsData(train_set, sampler, val_loader, per_rank, math.ceil(len(sampler) / per_rank))
 
 
@@ -134,7 +136,7 @@ class Progress:
     epoch_loss: tuple = (0.0, 0)  # (train-loss sum, batches) of this epoch so far, on this rank
 
 
-def start_or_resume(args, model, optimizer, state_path, schedule, d):
+def start_or_resume(args, model, optimizer, state_path, schedule, dist_env):
     """A fresh Progress, or the one a killed run last wrote to state.pt (its weights and optimiser restored)."""
     if not args.resume:
         return Progress()
@@ -143,11 +145,11 @@ def start_or_resume(args, model, optimizer, state_path, schedule, d):
     if saved != schedule:
         raise ValueError(f"{state_path} was written by a run with {saved}, this one has {schedule}: resume with the "
                          f"same --batch-size, --epochs, --subset and number of processes")
-    if d.is_main:
+    if dist_env.is_main:
         print(f"resumed from {state_path} at step {state['step']}")
     # the epoch's loss so far is the all-rank total, carried by rank 0
     return Progress(state["step"], state["best"], state["init_metrics"],
-                    tuple(state["epoch_loss"]) if d.is_main else (0.0, 0))
+                    tuple(state["epoch_loss"]) if dist_env.is_main else (0.0, 0))
 
 
 def all_ranks_total(values, device):
@@ -157,10 +159,10 @@ def all_ranks_total(values, device):
     return tuple(total.tolist())
 
 
-def save_state(state_path, model, optimizer, progress, schedule, args, d):
+def save_state(state_path, model, optimizer, progress, schedule, args, dist_env):
     """Every rank calls this (the epoch-loss total is a collective); rank 0 writes state.pt atomically."""
-    epoch_loss = all_ranks_total(progress.epoch_loss, d.device)
-    if d.is_main:
+    epoch_loss = all_ranks_total(progress.epoch_loss, dist_env.device)
+    if dist_env.is_main:
         save_checkpoint(training_state(model, optimizer, progress.step, best=progress.best,
                                        init_metrics=progress.init_metrics, epoch_loss=epoch_loss, args=vars(args),
                                        config=dataclasses.asdict(model.config), **schedule),
@@ -183,15 +185,15 @@ def hinge_step(tower, optimizer, batch, margin, precision, step, state_path):
     return loss.item()
 
 
-def end_of_epoch(model, data, progress, epoch, lr, seconds, args, export, d):
+def end_of_epoch(model, data, progress, epoch, lr, seconds, args, export, dist_env):
     """Validation, the epoch's log line, last.pt and (if better) best.pt. Returns the epoch's metrics."""
-    loss_sum, batches = all_ranks_total(progress.epoch_loss, d.device)
+    loss_sum, batches = all_ranks_total(progress.epoch_loss, dist_env.device)
     metrics = {"epoch": epoch + 1, "step": progress.step, "train_loss": loss_sum / batches, "lr": lr,
-               **evaluate(model, data.val_loader, d.device, args.precision, args.margin), "epoch_s": seconds}
+               **evaluate(model, data.val_loader, dist_env.device, args.precision, args.margin), "epoch_s": seconds}
     best = progress.best
     better = best is None or (metrics["val_2afc"] > best["val_2afc"] if args.best_by == "val_2afc"
                               else metrics["val_loss"] < best["val_loss"])
-    if d.is_main:
+    if dist_env.is_main:
         tqdm.write(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
                    f"val 2AFC {metrics['val_2afc']:.4f}" + (" (best)" if better else ""))
         weights = export(model)
@@ -218,7 +220,7 @@ def write_result(args, out_name, best):
 # The training loop
 
 
-def train(args, model, d, out_name="nights.pt", export=None):
+def train(args, model, dist_env, out_name="nights.pt", export=None):
     """Train the parameters of `model` that require grad (all inside model.visual) with the hinge loss on NIGHTS.
 
     export(model) -> the plain CLIP state dict written to last.pt / best.pt / out_name (default model.state_dict();
@@ -226,48 +228,48 @@ def train(args, model, d, out_name="nights.pt", export=None):
     None when --stop-after-steps stopped the run (state.pt written: --resume continues it).
     """
     export = export or (lambda m: m.state_dict())
-    args.precision = args.precision or ("bf16" if d.device.type == "cuda" else "fp32")
+    args.precision = args.precision or ("bf16" if dist_env.device.type == "cuda" else "fp32")
     args.final = args.final or "last"
-    model.to(d.device)
-    data = nights_data(args, model.config.image_size, d)
+    model.to(dist_env.device)
+    data = nights_data(args, model.config.image_size, dist_env)
     total_steps = args.epochs * data.steps_per_epoch
     warmup_steps = round(args.warmup_epochs * data.steps_per_epoch)
     schedule = {"steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps}  # a resume must match these
     optimizer = adamw(model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2), eps=args.eps)
-    if d.is_main:
+    if dist_env.is_main:
         print(f"{len(data.train_set)} train / {len(data.val_loader.dataset)} val triplets, {data.steps_per_epoch} "
               f"steps per epoch, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
-              f"parameters, {d.world_size} process(es) on {d.device}, {args.precision}")
+              f"parameters, {dist_env.world_size} process(es) on {dist_env.device}, {args.precision}")
 
     os.makedirs(args.out, exist_ok=True)
     state_path = os.path.join(args.out, "state.pt")
     args.resume = resuming(args.resume, state_path)
-    progress = start_or_resume(args, model, optimizer, state_path, schedule, d)
-    if d.is_main:
+    progress = start_or_resume(args, model, optimizer, state_path, schedule, dist_env)
+    if dist_env.is_main:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(model.config), f, indent=2)
-    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=d.is_main, resume=args.resume)
+    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=dist_env.is_main, resume=args.resume)
     if progress.init_metrics is None:  # the starting point, logged as epoch 0 (chance for a random init)
-        progress.init_metrics = evaluate(model, data.val_loader, d.device, args.precision, args.margin)
+        progress.init_metrics = evaluate(model, data.val_loader, dist_env.device, args.precision, args.margin)
         logger.log(epoch=0, step=0, **progress.init_metrics)
-        if d.is_main:
+        if dist_env.is_main:
             print(f"epoch 0 (init): val 2AFC {progress.init_metrics['val_2afc']:.4f}, "
                   f"val loss {progress.init_metrics['val_loss']:.4f}")
 
     # Only the trainable parameters live in the vision tower, so DDP wraps just that (it has a plain forward).
-    tower = DDP(model.visual, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
-        if d.world_size > 1 else model.visual
+    tower = DDP(model.visual, device_ids=[dist_env.local_rank] if dist_env.device.type == "cuda" else None) \
+        if dist_env.world_size > 1 else model.visual
     metrics = None
     for epoch in range(progress.step // data.steps_per_epoch, args.epochs):
         done = progress.step - epoch * data.steps_per_epoch  # batches of this epoch before a resume
-        batches = data.epoch_batches(epoch, done, args.workers, pin_memory=d.device.type == "cuda")
-        bar = tqdm(batches, total=data.steps_per_epoch, initial=done, disable=not d.is_main,
+        batches = data.epoch_batches(epoch, done, args.workers, pin_memory=dist_env.device.type == "cuda")
+        bar = tqdm(batches, total=data.steps_per_epoch, initial=done, disable=not dist_env.is_main,
                    desc=f"epoch {epoch + 1}/{args.epochs}")
         model.train()
         t0 = time.time()
         for batch in bar:
             if args.stop_after_steps is not None and progress.step >= args.stop_after_steps:  # resumable stop
-                save_state(state_path, model, optimizer, progress, schedule, args, d)
+                save_state(state_path, model, optimizer, progress, schedule, args, dist_env)
                 return None
             # learning rate
             lr = learning_rate(args, progress.step, total_steps, warmup_steps)
@@ -280,20 +282,20 @@ def train(args, model, d, out_name="nights.pt", export=None):
             # log and save
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if args.save_every_steps and progress.step % args.save_every_steps == 0:
-                save_state(state_path, model, optimizer, progress, schedule, args, d)
+                save_state(state_path, model, optimizer, progress, schedule, args, dist_env)
         bar.close()
         # end of epoch: validation and checkpoints, then state.pt (so a resumed run never misses an epoch's files)
-        metrics = end_of_epoch(model, data, progress, epoch, lr, time.time() - t0, args, export, d)
+        metrics = end_of_epoch(model, data, progress, epoch, lr, time.time() - t0, args, export, dist_env)
         logger.log(**metrics)
-        save_state(state_path, model, optimizer, progress, schedule, args, d)
+        save_state(state_path, model, optimizer, progress, schedule, args, dist_env)
 
-    result = write_result(args, out_name, progress.best) if d.is_main else os.path.join(args.out, out_name)
+    result = write_result(args, out_name, progress.best) if dist_env.is_main else os.path.join(args.out, out_name)
     return {"init": progress.init_metrics, "last": metrics, "best": progress.best, "checkpoint": result}
 
 
 def main(argv=None):
     args = parse_training_args(get_parser(), argv)
-    d = setup_distributed(timeout_minutes=args.dist_timeout)
+    dist_env = setup_distributed(timeout_minutes=args.dist_timeout)
     try:
         torch.manual_seed(args.seed)  # the same random CLIP on every rank
         model = CLIP(preset_config(args.model))
@@ -301,7 +303,7 @@ def main(argv=None):
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("visual."))
         model.set_grad_checkpointing(args.grad_checkpointing)
-        return train(args, model, d, out_name="nights.pt")
+        return train(args, model, dist_env, out_name="nights.pt")
     finally:
         cleanup_distributed()
 
