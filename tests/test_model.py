@@ -81,36 +81,29 @@ def test_text_init_follows_openai_scheme():
 
 # ----------------------------------------------------------------------------------------------- clip_loss
 
+def loss_and_gradients(fn, n=16, dim=32, scale=20.0, seed=1):
+    """fn's loss and its gradients with respect to image features, text features and the logit scale."""
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(n, dim, generator=g), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(n, dim, generator=g), dim=-1).requires_grad_()
+    s = torch.tensor(scale, requires_grad=True)
+    loss = fn(img, txt, s)
+    loss.backward()
+    return loss.detach(), img.grad, txt.grad, s.grad
+
+
 def test_clip_loss_matches_open_clip_value_and_gradients():
     open_clip = pytest.importorskip("open_clip")
-    g = torch.Generator().manual_seed(1)
-    img = F.normalize(torch.randn(16, 32, generator=g), dim=-1)
-    txt = F.normalize(torch.randn(16, 32, generator=g), dim=-1)
-    grads = []
-    for fn in (clip_loss, open_clip.ClipLoss()):
-        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
-        s = torch.tensor(20.0, requires_grad=True)
-        loss = fn(i, t, s)
-        loss.backward()
-        grads.append((loss.detach(), i.grad, t.grad, s.grad))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for ours, theirs in zip(loss_and_gradients(clip_loss), loss_and_gradients(open_clip.ClipLoss())):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
 
 
 def test_fused_clip_loss_equals_the_textbook_form():
     """clip_loss (one logits matrix, recomputed in backward) against clip_loss_reference (two cross-entropies)."""
-    g = torch.Generator().manual_seed(2)
-    img = F.normalize(torch.randn(24, 16, generator=g), dim=-1)
-    txt = F.normalize(torch.randn(24, 16, generator=g), dim=-1)
-    results = []
-    for fn in (clip_loss, clip_loss_reference):
-        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
-        s = torch.tensor(30.0, requires_grad=True)
-        loss = fn(i, t, s)
-        loss.backward()
-        results.append((loss.detach(), i.grad, t.grad, s.grad))
-    for fused, reference in zip(*results):
-        torch.testing.assert_close(fused, reference, atol=1e-6, rtol=1e-5)
+    fused = loss_and_gradients(clip_loss, n=24, dim=16, scale=30.0, seed=2)
+    reference = loss_and_gradients(clip_loss_reference, n=24, dim=16, scale=30.0, seed=2)
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_clip_loss_by_hand():
