@@ -210,6 +210,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the smaller run the tests use")
     p.add_argument("--seeds", default=None, help="comma list of seeds, one experiment each (default: 0)")
     p.add_argument("--seed", type=int, default=None, help="a single seed (the same as --seeds N)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: rebuild summary.md from <out>/seed_<s>/benchmarks.json of the given seeds "
+                        "(e.g. after running the seeds as separate jobs)")
     args = p.parse_args(argv)
     if args.seeds is not None and args.seed is not None:
         p.error("give --seeds or --seed, not both")
@@ -224,11 +227,18 @@ def main(argv=None):
     t0 = time.time()
     per_seed = {}
     for seed in seeds:
+        path = os.path.join(out, f"seed_{seed}", "benchmarks.json")
+        if args.summary_only:
+            if not os.path.isfile(path):
+                p.error(f"--summary-only: {path} not found (run that seed first)")
+            with open(path) as f:
+                per_seed[seed] = json.load(f)
+            continue
         per_seed[seed] = experiment(os.path.join(out, f"seed_{seed}"), seed, size)
-        with open(os.path.join(out, f"seed_{seed}", "benchmarks.json"), "w") as f:  # kept if a later seed fails
+        with open(path, "w") as f:  # kept if a later seed fails
             json.dump(per_seed[seed], f, indent=1)
         print(f"\nseed {seed} done after {time.time() - t0:.0f} s", flush=True)
-    md = summary_markdown(per_seed, seeds, wall_s=time.time() - t0)
+    md = summary_markdown(per_seed, seeds, wall_s=None if args.summary_only else time.time() - t0)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md)
     print("\n" + md)
