@@ -38,7 +38,9 @@ from synthetic_world import make_synthetic_world
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = ("world", "nights", "pi", "baseline", "qkv", "eval_pi_vs_baseline", "eval_qkv_vs_baseline", "figures")
 
-# world size, stage-1 epochs, stage-2 epochs, stage-2 global batch, fine-tuning epochs, BPE merges
+# world size, stage-1 epochs, stage-2 epochs, stage-2 global batch, fine-tuning epochs, BPE merges. "full" is sized
+# for one seed in about 10 minutes on 2 shared CPU cores: stage 1 saturates in 2-3 epochs, and stage 2 sees 30k
+# pairs (234 steps), enough for colour and retrieval but not for shape or count (see the README).
 SIZES = {
     "full": dict(world=dict(n_pairs=10000, n_triplets=2000, n_test_per_class=40, n_retrieval=200),
                  nights_epochs=4, clip_epochs=3, clip_batch=128, qkv_epochs=2, merges=1000),
@@ -210,6 +212,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the smaller run the tests use")
     p.add_argument("--seeds", default=None, help="comma list of seeds, one experiment each (default: 0)")
     p.add_argument("--seed", type=int, default=None, help="a single seed (the same as --seeds N)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: rebuild summary.md from <out>/seed_<s>/benchmarks.json of the given seeds "
+                        "(e.g. after running the seeds as separate jobs)")
     args = p.parse_args(argv)
     if args.seeds is not None and args.seed is not None:
         p.error("give --seeds or --seed, not both")
@@ -224,11 +229,18 @@ def main(argv=None):
     t0 = time.time()
     per_seed = {}
     for seed in seeds:
+        path = os.path.join(out, f"seed_{seed}", "benchmarks.json")
+        if args.summary_only:
+            if not os.path.isfile(path):
+                p.error(f"--summary-only: {path} not found (run that seed first)")
+            with open(path) as f:
+                per_seed[seed] = json.load(f)
+            continue
         per_seed[seed] = experiment(os.path.join(out, f"seed_{seed}"), seed, size)
-        with open(os.path.join(out, f"seed_{seed}", "benchmarks.json"), "w") as f:  # kept if a later seed fails
+        with open(path, "w") as f:  # kept if a later seed fails
             json.dump(per_seed[seed], f, indent=1)
         print(f"\nseed {seed} done after {time.time() - t0:.0f} s", flush=True)
-    md = summary_markdown(per_seed, seeds, wall_s=time.time() - t0)
+    md = summary_markdown(per_seed, seeds, wall_s=None if args.summary_only else time.time() - t0)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md)
     print("\n" + md)

@@ -108,3 +108,17 @@ def test_benchmarks_reads_evaluate_results():
     assert demo.benchmarks(res) == {"zero-shot shape top1": 41.0, "retrieval i2t_r1": 12.0,
                                     "retrieval t2i_r5": 30.0, "NIGHTS 2AFC val": 88.0}
     assert math.isclose(demo.student_t_quantile(0.975, 2), 4.302652729749464, rel_tol=1e-9)
+
+
+def test_summary_only_reads_seed_folders(tmp_path, capsys):
+    """Seeds run as separate jobs: --summary-only trains nothing and summarises their benchmarks.json files."""
+    per_seed = {0: _seed_results(60, 50, 40, 20), 1: _seed_results(61, 50, 20, 30), 2: _seed_results(59, 50, 35, 30)}
+    for seed, res in per_seed.items():
+        (tmp_path / f"seed_{seed}").mkdir()
+        (tmp_path / f"seed_{seed}" / "benchmarks.json").write_text(json.dumps(res))
+    demo.main(["--seeds", "0,1,2", "--summary-only", "--out", str(tmp_path)])
+    assert (tmp_path / "summary.md").read_text() == demo.summary_markdown(per_seed, [0, 1, 2])
+    assert "PI better on 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a seed that was never run is named, not skipped
+        demo.main(["--seeds", "0,3", "--summary-only", "--out", str(tmp_path)])
+    assert "seed_3/benchmarks.json" in capsys.readouterr().err
