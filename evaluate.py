@@ -967,7 +967,8 @@ def evaluate(model, tokenizer, data_root, datasets=(), retrieval=(), nights=None
     """Everything the report needs for one model. Numbers are percentages (probe correlations and biases are
     fractions). A benchmark whose files are missing, or that fails in any way, is recorded as {"skipped": why,
     "path": where} and the run goes on. on_result(res) is called after every benchmark with the results so far
-    (main() rewrites results.json with them). synthetic: root of a world synthetic_world.make_synthetic_world wrote (the CPU demo)."""
+    (main() rewrites results.json with them). synthetic: root of a world that synthetic_world.make_synthetic_world
+    wrote (the CPU demo)."""
     res = {"units": "percent", "zeroshot": {}, "families": {}, "retrieval": {}, "nights": None, "probes": {},
            "synthetic": None}
     done = on_result or (lambda _: None)
