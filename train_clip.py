@@ -338,11 +338,11 @@ def main(argv=None):
                          f"{args.accum_steps} chunks")
     loader = data.image_text_loader(
         args.data, tokenizer, raw.config.image_size, args.batch_size, rank=dist_env.rank,
-        world_size=dist_env.world_size,
-        workers=args.workers, seed=args.seed, samples_per_epoch=args.train_num_samples,
-        buffer_size=args.shuffle_buffer, csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
-        csv_sep=args.csv_separator, context_length=raw.config.context_length, pin_memory=dist_env.device.type == "cuda",
-        augment=not args.no_augment, micro_batch=args.micro_batch, shards_per_worker=args.shards_per_worker)
+        world_size=dist_env.world_size, workers=args.workers, seed=args.seed,
+        samples_per_epoch=args.train_num_samples, buffer_size=args.shuffle_buffer, csv_img_key=args.csv_img_key,
+        csv_caption_key=args.csv_caption_key, csv_sep=args.csv_separator, context_length=raw.config.context_length,
+        pin_memory=dist_env.device.type == "cuda", augment=not args.no_augment, micro_batch=args.micro_batch,
+        shards_per_worker=args.shards_per_worker)
     steps_per_epoch = loader.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
 
