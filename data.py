@@ -908,13 +908,8 @@ def interleave(pieces, read, n_open, rng):
             yield item
 
 
-def img2dataset_sample_count(shards):
-    """Sum of the "successes" in img2dataset's {shard}_stats.json files, or None if any is missing."""
-    sizes = [_stats_size(path) for path in shards]
-    return None if None in sizes else sum(sizes)
-
-
 def _stats_size(path):
+    """img2dataset's {shard}_stats.json "successes" for one shard, or None without that file."""
     stats = re.sub(r"\.tar(\.\w+)?$", "_stats.json", path)
     if stats == path or not os.path.isfile(stats):
         return None

@@ -214,7 +214,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=None, help="a single seed (the same as --seeds N)")
     p.add_argument("--summary-only", action="store_true",
                    help="train nothing: rebuild summary.md from <out>/seed_<s>/benchmarks.json of the given seeds "
-                        "(e.g. after running the seeds as separate jobs)")
+                        "(e.g. after running one job per seed)")
     args = p.parse_args(argv)
     if args.seeds is not None and args.seed is not None:
         p.error("give --seeds or --seed, not both")

@@ -80,7 +80,7 @@ from tqdm import tqdm
 
 import data
 from model import (CLIP, MODEL_PRESETS, add_renamed, autocast, config_for, load_checkpoint,
-                   load_state_dict_checked, preset_config_name, triplet_distances, two_afc_scores)
+                   load_state_dict_checked, preset_name, triplet_distances, two_afc_scores)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -1355,7 +1355,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="plain state dict (torch.save(model.state_dict())) of the model to evaluate")
-    p.add_argument("--model", type=preset_config_name,
+    p.add_argument("--model", type=preset_name,
                    help=f"architecture preset, one of {', '.join(MODEL_PRESETS)}, for a checkpoint without a recorded "
                         "config (e.g. OpenAI's weights)")
     p.add_argument("--config", help="CLIPConfig fields as JSON (default: config.json beside the checkpoint)")

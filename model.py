@@ -509,6 +509,14 @@ def resuming(resume, state_path):
     return resume
 
 
+def all_ranks_sum(values, device):
+    """Element-wise sum of a list of numbers over all ranks (the numbers themselves in a single process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def check_finite(loss, step, last_checkpoint=None):
     """Stop instead of training on NaN/inf: the message names the step; the last good checkpoint is untouched."""
     if not torch.isfinite(loss).all():
@@ -611,12 +619,18 @@ MODEL_PRESETS = {
 }
 
 
-def preset_config(name, **overrides):
-    """CLIPConfig of a preset by name (case-insensitive, so the old `vit-b-32` spelling still works)."""
+def preset_name(name):
+    """A preset's canonical name, matched case-insensitively (so the old `vit-b-32` spelling still works). Also
+    --model's argparse type: its ValueError becomes a usage error naming the flag."""
     key = {k.lower(): k for k in MODEL_PRESETS}.get(str(name).lower())
     if key is None:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(MODEL_PRESETS)}")
-    return MODEL_PRESETS[key](**overrides)
+    return key
+
+
+def preset_config(name, **overrides):
+    """CLIPConfig of a preset by name."""
+    return MODEL_PRESETS[preset_name(name)](**overrides)
 
 
 def config_from_dict(d, what="config"):
@@ -679,7 +693,7 @@ def add_run_args(p, data_help, workers=8, model="ViT-B-32", save_every_steps=0):
     """Flags about running, the same in every training script."""
     p.add_argument("--data", help=data_help + " (required)")  # checked by parse_training_args: old names count
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", type=preset_config_name, default=model,
+    p.add_argument("--model", type=preset_name, default=model,
                    help=f"architecture preset: {', '.join(MODEL_PRESETS)}")
     p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation draws")
     p.add_argument("--workers", type=int, default=workers, help="DataLoader workers per process")
@@ -706,14 +720,6 @@ def parse_training_args(p, argv=None):
     if args.data is None:
         p.error("the following arguments are required: --data")
     return args
-
-
-def preset_config_name(name):
-    """argparse type for --model: the preset's canonical name (accepts any case)."""
-    key = {k.lower(): k for k in MODEL_PRESETS}.get(name.lower())
-    if key is None:
-        raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose from {', '.join(MODEL_PRESETS)}")
-    return key
 
 
 def add_recipe_args(p, **recipe):

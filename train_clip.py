@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_renamed, add_run_args, autocast,
-                   check_finite, cleanup_distributed, clip_loss, cosine_lr, load_state_dict_checked,
+from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_renamed, add_run_args, all_ranks_sum,
+                   autocast, check_finite, cleanup_distributed, clip_loss, cosine_lr, load_state_dict_checked,
                    parse_training_args, preset_config, resume_training_state, resuming, save_checkpoint,
                    setup_distributed, training_state)
 
@@ -170,13 +170,6 @@ def rank_counts(saved, rank, world):
     if len(saved) == world:
         return Counter(saved[rank])
     return sum(map(Counter, saved), Counter()) if rank == 0 else Counter()
-
-
-def all_ranks_sum(values, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def zero_shot_check(model, tokenizer, names, args):

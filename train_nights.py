@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data import NightsTriplets
-from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_run_args, autocast, check_finite,
-                   cleanup_distributed, cosine_lr, hinge_terms, parse_training_args, perceptual_hinge_loss,
-                   preset_config, resume_training_state, resuming, save_checkpoint, setup_distributed,
-                   training_state, triplet_distances, two_afc_scores)
+from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_run_args, all_ranks_sum, autocast,
+                   check_finite, cleanup_distributed, cosine_lr, hinge_terms, parse_training_args,
+                   perceptual_hinge_loss, preset_config, resume_training_state, resuming, save_checkpoint,
+                   setup_distributed, training_state, triplet_distances, two_afc_scores)
 
 
 def add_nights_args(p, best_by, final_help):
@@ -152,16 +152,9 @@ def start_or_resume(args, model, optimizer, state_path, schedule, dist_env):
                     tuple(state["epoch_loss"]) if dist_env.is_main else (0.0, 0))
 
 
-def all_ranks_total(values, device):
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    return tuple(total.tolist())
-
-
 def save_state(state_path, model, optimizer, progress, schedule, args, dist_env):
     """Every rank calls this (the epoch-loss total is a collective); rank 0 writes state.pt atomically."""
-    epoch_loss = all_ranks_total(progress.epoch_loss, dist_env.device)
+    epoch_loss = all_ranks_sum(list(progress.epoch_loss), dist_env.device)
     if dist_env.is_main:
         save_checkpoint(training_state(model, optimizer, progress.step, best=progress.best,
                                        init_metrics=progress.init_metrics, epoch_loss=epoch_loss, args=vars(args),
@@ -187,7 +180,7 @@ def hinge_step(tower, optimizer, batch, margin, precision, step, state_path):
 
 def end_of_epoch(model, data, progress, epoch, lr, seconds, args, export, dist_env):
     """Validation, the epoch's log line, last.pt and (if better) best.pt. Returns the epoch's metrics."""
-    loss_sum, batches = all_ranks_total(progress.epoch_loss, dist_env.device)
+    loss_sum, batches = all_ranks_sum(list(progress.epoch_loss), dist_env.device)
     metrics = {"epoch": epoch + 1, "step": progress.step, "train_loss": loss_sum / batches, "lr": lr,
                **evaluate(model, data.val_loader, dist_env.device, args.precision, args.margin), "epoch_s": seconds}
     best = progress.best

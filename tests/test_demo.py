@@ -85,7 +85,7 @@ def _seed_results(pi_shape, base_shape, pi_count, base_count):
 
 
 def test_summary_counts_only_intervals_that_exclude_zero():
-    # shape: PI ahead by 10 +- 1 on every seed (interval excludes 0); count: ahead on average, but the seeds
+    # shape: PI ahead by 10 +- 1 in every run (interval excludes 0); count: ahead on average, but the runs
     # disagree (interval straddles 0). NIGHTS is reported but not counted (not an image-text benchmark).
     per_seed = {0: _seed_results(60, 50, 40, 20), 1: _seed_results(61, 50, 20, 30), 2: _seed_results(59, 50, 35, 30)}
     md = demo.summary_markdown(per_seed, [0, 1, 2], wall_s=12)

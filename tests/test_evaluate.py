@@ -389,7 +389,7 @@ def test_nights_eval_matches_direct_two_afc(monkeypatch):
     assert out["test"]["2afc"] == pytest.approx((out["test_imagenet"]["2afc"] + out["test_no_imagenet"]["2afc"]) / 2)
 
 # -----------------------------------------------------------------------------------------------------------------
-# the seeds' probes on tiny fake folders
+# the perceptual and robustness probes (TID2013, Geirhos et al.'s cue-conflict, CIFAR-100-C) on tiny fake folders
 
 
 def test_tid2013_correlations_match_direct(tmp_path):
