@@ -247,7 +247,7 @@ def encode_texts(model, tokenizer, texts, device, batch_size=1024):
     """Unit-norm float32 text embeddings [len(texts), D] (on CPU)."""
     out = []
     for i in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[i:i + batch_size]).to(device)
+        tokens = tokenizer(texts[i:i + batch_size], context_length=model.context_length).to(device)
         with autocast(device):
             f = model.encode_text(tokens)
         out.append(F.normalize(f.float(), dim=-1).cpu())

@@ -57,9 +57,10 @@ class CLIPConfig:
 
     @classmethod
     def tiny(cls, **overrides):
-        """A ~2M-parameter CLIP (32-px images) for unit tests and CPU demos; same code path as ViT-B/32."""
+        """A ~170k-parameter CLIP (32-px images, captions of up to 32 tokens) for unit tests and the CPU demo; same
+        code path as ViT-B/32. The short context halves the text tower's cost, and the demo's captions fit."""
         cfg = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2, embed_dim=32,
-                   text_width=32, text_heads=2, text_layers=2)
+                   text_width=32, text_heads=2, text_layers=2, context_length=32)
         cfg.update(overrides)
         return cls(**cfg)
 
@@ -171,6 +172,7 @@ class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig = CLIPConfig()):
         super().__init__()
         self.config = cfg
+        self.context_length = cfg.context_length  # as OpenAI's and open_clip's CLIP expose it, for the tokenizer
         self.visual = VisionTransformer(cfg)
         # text tower
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)

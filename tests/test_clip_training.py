@@ -56,7 +56,7 @@ def free_port():
 
 def tiny_batch(n=12, uint8=False):
     torch.manual_seed(0)
-    tokens = torch.randint(1, 598, (n, 77))
+    tokens = torch.randint(1, 598, (n, CLIPConfig.tiny().context_length))
     tokens[:, 20] = 599  # EOT
     if not uint8:
         return torch.randn(n, 3, 32, 32), tokens, None

@@ -268,12 +268,14 @@ def test_readers_label_the_non_torchvision_layouts(tmp_path):
 
 
 class CharTokenizer:
-    """A stand-in tokenizer for unit tests: [SOT] + bytes + [EOT], padded to 77 (the EOT has the highest id)."""
+    """A stand-in tokenizer for unit tests: [SOT] + bytes + [EOT], padded to the context length (the EOT has the
+    highest id)."""
 
-    def __init__(self, vocab_size=49408):
-        self.sot, self.eot = vocab_size - 2, vocab_size - 1
+    def __init__(self, vocab_size=49408, context_length=77):
+        self.sot, self.eot, self.context_length = vocab_size - 2, vocab_size - 1, context_length
 
-    def __call__(self, texts, context_length=77):
+    def __call__(self, texts, context_length=None):
+        context_length = context_length or self.context_length
         texts = [texts] if isinstance(texts, str) else texts
         out = torch.zeros(len(texts), context_length, dtype=torch.long)
         for i, t in enumerate(texts):
@@ -294,7 +296,7 @@ def test_zero_shot_classifier_equals_direct_computation():
     direct = []
     with torch.no_grad():
         for c in classes:
-            e = model.encode_text(tok([t.format(c=c) for t in templates]))
+            e = model.encode_text(tok([t.format(c=c) for t in templates], context_length=model.context_length))
             e = e / e.norm(dim=-1, keepdim=True)
             m = e.mean(0)
             direct.append(m / m.norm())
@@ -343,7 +345,8 @@ def test_zero_shot_eval_same_accuracy_as_open_clip_with_same_weights(tmp_path):
     names = ev.imagenet_names()
     templates = ev.prompts()["imagenet-a"]["templates"]
     with torch.no_grad():
-        clf = torch.stack([F.normalize(F.normalize(oc.encode_text(tok([t.format(c=names[w]) for t in templates])),
+        clf = torch.stack([F.normalize(F.normalize(oc.encode_text(tok([t.format(c=names[w]) for t in templates],
+                                                                       context_length=oc.context_length)),
                                                    dim=-1).mean(0), dim=0) for w in WNIDS], 1)
         logits, labels = [], []
         for j, w in enumerate(WNIDS):
@@ -771,7 +774,8 @@ def test_resisc45_class_names_are_clip_benchmarks(tmp_path):
 def test_zero_shot_metrics_match_clip_benchmark(tmp_path):
     pytest.importorskip("sklearn")  # clip_benchmark's metric module imports it (requirements-dev.txt)
     from clip_benchmark.metrics import zeroshot_classification as cbz
-    model, tok = tiny_model(seed=4), CharTokenizer()
+    model = tiny_model(seed=4)
+    tok = CharTokenizer(context_length=model.context_length)  # clip_benchmark calls tok(texts)
     wnids = ev.prompts()["_imagenet1k_wnids"][:6]
     for j, w in enumerate(wnids):  # unequal class sizes, so mean per-class recall differs from top-1
         _write_images(str(tmp_path / "imagenet-a" / w), 2 + 2 * j, seed=20 + j)

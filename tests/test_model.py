@@ -14,6 +14,9 @@ from model import (CLIP, CLIPConfig, CheckpointError, adamw, clip_loss, clip_los
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+TINY_CONTEXT = CLIPConfig.tiny().context_length
+
+
 def random_tokens(n, length=77, vocab=49408, generator=None):
     """SOT + random ids + EOT at a random position + zero padding, like real tokenizer output."""
     t = torch.zeros(n, length, dtype=torch.long)
@@ -164,7 +167,7 @@ def test_clip_loss_two_rank_jobs_exit_cleanly_every_time(tmp_path):
 def test_grad_checkpointing_gives_same_gradients():
     cfg = CLIPConfig.tiny()
     model = CLIP(cfg)
-    images, tokens = torch.randn(4, 3, 32, 32), random_tokens(4)
+    images, tokens = torch.randn(4, 3, 32, 32), random_tokens(4, length=TINY_CONTEXT)
     grads = []
     for ckpt in (False, True):
         model.zero_grad()
@@ -178,7 +181,7 @@ def test_grad_checkpointing_gives_same_gradients():
 def test_bf16_autocast_forward_backward_on_cpu():
     model = CLIP(CLIPConfig.tiny(grad_checkpointing=True))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = clip_loss(*model(torch.randn(4, 3, 32, 32), random_tokens(4)))
+        loss = clip_loss(*model(torch.randn(4, 3, 32, 32), random_tokens(4, length=TINY_CONTEXT)))
     loss.backward()
     assert torch.isfinite(loss) and model.visual.conv1.weight.grad is not None
     assert model.token_embedding.weight.grad.dtype == torch.float32  # parameters stay fp32
@@ -266,7 +269,7 @@ def test_checkpoint_wrappers_and_atomic_save(tmp_path):
 
 def test_token_ids_beyond_vocabulary_raise_clear_error():
     model = CLIP(CLIPConfig.tiny(vocab_size=1000))
-    tokens = random_tokens(2, vocab=1000)
+    tokens = random_tokens(2, vocab=1000, length=TINY_CONTEXT)
     model.encode_text(tokens)
     tokens[0, 3] = 1000
     with pytest.raises(ValueError, match="vocabulary has 1000"):
@@ -302,7 +305,8 @@ def test_loads_torchscript_archive_like_openai_release(tmp_path):
     model = CLIP(CLIPConfig.tiny()).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracing warns about the token-id check's Python ints
-        traced = torch.jit.trace(model, (torch.randn(1, 3, 32, 32), random_tokens(1)), check_trace=False)
+        example = (torch.randn(1, 3, 32, 32), random_tokens(1, length=TINY_CONTEXT))
+        traced = torch.jit.trace(model, example, check_trace=False)
     traced.save(str(tmp_path / "ViT-tiny.pt"))
     fresh = load_state_dict_checked(CLIP(CLIPConfig.tiny()), str(tmp_path / "ViT-tiny.pt"))
     for k, v in model.state_dict().items():
