@@ -748,6 +748,12 @@ class ImageDecoder:
         self.draft_side = None
         if isinstance(first, v2.Resize) and first.max_size is None and len(first.size or []) == 1:
             self.draft_side = first.size[0]  # Resize(s): the short side becomes s
+        # Resize(s), CenterCrop(s), ToImage leave an s x s image as it is (as img2dataset's center_crop mode writes
+        # them): such an image goes straight to ToImage, saving most of the per-image time on small images
+        self.unchanged_side = None
+        if (self.draft_side and [type(t) for t in steps] == [v2.Resize, v2.CenterCrop, v2.ToImage]
+                and list(steps[1].size) == [self.draft_side] * 2):
+            self.unchanged_side = self.draft_side
         self.rest = v2.Compose(steps)
 
     def __call__(self, data):
@@ -760,6 +766,8 @@ class ImageDecoder:
                 if self.draft_side and img.format == "JPEG":
                     img.draft("RGB", (self.draft_side, self.draft_side))
                 img = _decoded_rgb(img)
+                if img.size == (self.unchanged_side, self.unchanged_side):
+                    return v2.functional.to_image(img)
         return self.rest(img)
 
     def _crop_and_resize(self, img):

@@ -101,9 +101,11 @@ def experiment(out, seed, size):
     """One seed of the experiment under `out`; returns {model: {benchmark: value}} for PI, baseline, human-later."""
     for run_dir in RUNS:  # a re-run starts afresh (the training scripts refuse to overwrite a run without --resume)
         shutil.rmtree(os.path.join(out, run_dir), ignore_errors=True)
+    t = time.time()
     world = make_synthetic_world(os.path.join(out, "world"), seed=seed, image_size=IMAGE_SIZE, **size["world"])
     merges = os.path.join(out, "bpe_merges.txt.gz")
     learn_bpe(captions(world.shards), merges, num_merges=size["merges"])
+    print(f"world and BPE merges in {out}: {time.time() - t:.0f} s", flush=True)
     common = ["--model", MODEL, "--seed", seed, "--workers", 0]
 
     # Stage 1: the vision tower learns the (synthetic) human judgements
@@ -112,8 +114,9 @@ def experiment(out, seed, size):
     # Stage 2: PI and baseline differ only in --init
     # Two departures from the paper's stage-2 defaults, for the toy scale only: CLIP's initial temperature (1/0.07)
     # instead of the paper's ln(100) start, which leaves a model this small flat for most of its short budget; and
-    # no augmentation, since the toy captions name colours and positions that colour jitter, grayscale and flips
-    # would falsify. Stage 1 keeps its augmentations (drawn once per triplet).
+    # no augmentation, since the toy captions name colours, which colour jitter and grayscale falsify, and counts,
+    # which a crop can change. Stage 1 keeps its augmentations (drawn once per triplet). The two runs go side by
+    # side, one core each.
     stage2 = ["--data", world.shard_pattern, "--merges", merges, "--epochs", size["clip_epochs"],
               "--batch-size", size["clip_batch"], "--lr", 2e-3, "--warmup-steps", 20, "--save-every-steps", 100,
               "--logit-scale-init", 14.29, "--no-augment", *common]

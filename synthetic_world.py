@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from PIL import Image, ImageDraw
 # A tiny world of flat coloured shapes, written to disk in EXACTLY the formats of the real data, so the CPU demo
 # runs the real readers end to end:
 #   <root>/nights/data.csv + ref/000/000.png, distort/000/000_0.png, 000_1.png   NIGHTS as distributed with DreamSim
-#   <root>/shards/00000.tar, 00001.tar, ...  ({key}.jpg, {key}.json, {key}.txt)     webdataset shards as img2dataset
+#   <root>/shards/00000.tar, 00001.tar, ...  ({key}.json, {key}.png, {key}.txt)     webdataset shards as img2dataset
 #   <root>/zeroshot/{shape,colour,count}/test/<classname>/<i>.png                   ImageFolder trees
 #   <root>/zeroshot/tasks.json  {task: {folder, classnames, templates}}              read by evaluate.py --synthetic
 #   <root>/retrieval/dataset_synthetic.json + retrieval/images/00000.png           Karpathy split JSON, 5 captions
@@ -368,32 +369,46 @@ def _tar_add(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shards(rng, out, n_pairs, samples_per_shard, image_size):
-    # img2dataset's naming: shard s is f"{s:05d}.tar" and its j-th sample has key f"{s:05d}{j:04d}" (at most 10^4
-    # samples per shard). Members per sample come in webdataset's TarWriter order (sorted extensions).
+def _write_shard(job):
+    """One img2dataset shard: s.tar with samples keyed f"{s:05d}{j:04d}" (at most 10^4 per shard), the members of a
+    sample in webdataset's TarWriter order (sorted extensions), and img2dataset's s_stats.json beside it. Images are
+    PNG (img2dataset's --encode_format png): in our trials the tiny model learned shape far less well from JPEGs,
+    whose 8x8 blocks coincide with its 8x8 patches at 32 px."""
+    seed_seq, out, s, n, image_size = job
+    rng = np.random.default_rng(seed_seq)
+    with tarfile.open(os.path.join(out, f"{s:05d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
+        for j in range(n):
+            key = f"{s:05d}{j:04d}"
+            scene = random_scene(rng)
+            text = scene_caption(scene, rng)
+            png = io.BytesIO()
+            render_scene(scene, rng, image_size).save(png, format="PNG")
+            meta = {"url": f"synthetic://{key}", "key": key, "status": "success", "error_message": None,
+                    "width": image_size, "height": image_size, "original_width": image_size,
+                    "original_height": image_size, "caption": text}
+            _tar_add(tar, f"{key}.json", json.dumps(meta, indent=4).encode("utf-8"))
+            _tar_add(tar, f"{key}.png", png.getvalue())
+            _tar_add(tar, f"{key}.txt", text.encode("utf-8"))
+    with open(os.path.join(out, f"{s:05d}_stats.json"), "w") as f:
+        json.dump({"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0}, f, indent=4)
+    return os.path.join(out, f"{s:05d}.tar")
+
+
+def _write_shards(seed_seq, out, n_pairs, samples_per_shard, image_size, processes):
+    """The shards, each from its own child seed, so that `processes` processes can write them at once and the bytes
+    do not depend on how many did."""
     if not 1 <= samples_per_shard <= 10_000:
         raise ValueError("samples_per_shard must be in 1..10000 (img2dataset's 4-digit sample index)")
     os.makedirs(out, exist_ok=True)
-    paths = []
-    for s in range(math.ceil(n_pairs / samples_per_shard)):
-        paths.append(os.path.join(out, f"{s:05d}.tar"))
-        with tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT) as tar:
-            for j in range(min(samples_per_shard, n_pairs - s * samples_per_shard)):
-                key = f"{s:05d}{j:04d}"
-                scene = random_scene(rng)
-                text = scene_caption(scene, rng)
-                jpg = io.BytesIO()
-                render_scene(scene, rng, image_size).save(jpg, format="JPEG", quality=95)
-                meta = {"url": f"synthetic://{key}", "key": key, "status": "success", "error_message": None,
-                        "width": image_size, "height": image_size, "original_width": image_size,
-                        "original_height": image_size, "caption": text}
-                _tar_add(tar, f"{key}.jpg", jpg.getvalue())
-                _tar_add(tar, f"{key}.json", json.dumps(meta, indent=4).encode("utf-8"))
-                _tar_add(tar, f"{key}.txt", text.encode("utf-8"))
-        n = min(samples_per_shard, n_pairs - s * samples_per_shard)
-        with open(os.path.join(out, f"{s:05d}_stats.json"), "w") as f:  # img2dataset writes one per shard
-            json.dump({"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0}, f, indent=4)
-    return paths
+    n_shards = math.ceil(n_pairs / samples_per_shard)
+    jobs = [(child, out, s, min(samples_per_shard, n_pairs - s * samples_per_shard), image_size)
+            for s, child in enumerate(seed_seq.spawn(n_shards))]
+    processes = min(processes or os.cpu_count() or 1, n_shards)
+    if processes <= 1:
+        return list(map(_write_shard, jobs))
+    # spawn, not fork: the caller may hold torch's thread pools, which a forked child must not inherit
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        return pool.map(_write_shard, jobs)
 
 
 def _write_zeroshot(rng, out, n_test_per_class, image_size):
@@ -435,14 +450,14 @@ _MARKER = "synthetic_world.json"
 
 
 def make_synthetic_world(root, seed=0, n_pairs=5000, n_triplets=2000, n_test_per_class=40, n_retrieval=500,
-                         image_size=64, samples_per_shard=1000):
+                         image_size=64, samples_per_shard=1000, processes=None):
     """Write the synthetic world under `root` (see the section comment) and return its paths as a SyntheticWorld.
 
     n_pairs image-caption pairs in shards of samples_per_shard; n_triplets NIGHTS triplets with >= 6 votes (plus
     about n_triplets / 16 tied rows with fewer, which the reader filters out); n_test_per_class images per class of
-    each zero-shot task; n_retrieval images with 5 captions each. Re-running on a root this function wrote replaces its parts;
-    a root holding any of nights/, shards/, zeroshot/, retrieval/ that it did not write is refused, so real data
-    is never deleted."""
+    each zero-shot task; n_retrieval images with 5 captions each. `processes` write the shards (default: one per
+    CPU core). Re-running on a root this function wrote replaces its parts; a root holding any of nights/, shards/,
+    zeroshot/, retrieval/ that it did not write is refused, so real data is never deleted."""
     marker = os.path.join(root, _MARKER)
     present = [p for p in _PARTS if os.path.exists(os.path.join(root, p))]
     if present and not os.path.isfile(marker):
@@ -452,10 +467,11 @@ def make_synthetic_world(root, seed=0, n_pairs=5000, n_triplets=2000, n_test_per
         shutil.rmtree(os.path.join(root, p))
     os.makedirs(root, exist_ok=True)
     # one child generator per part: the parts do not shift each other when one's size changes
-    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(_PARTS))]
+    seeds = np.random.SeedSequence(seed).spawn(len(_PARTS))
+    rngs = [np.random.default_rng(s) for s in seeds]
     nights = os.path.join(root, "nights")
     n_rows = _write_nights(rngs[0], nights, n_triplets, image_size)
-    shards = _write_shards(rngs[1], os.path.join(root, "shards"), n_pairs, samples_per_shard, image_size)
+    shards = _write_shards(seeds[1], os.path.join(root, "shards"), n_pairs, samples_per_shard, image_size, processes)
     zeroshot = _write_zeroshot(rngs[2], os.path.join(root, "zeroshot"), n_test_per_class, image_size)
     retrieval_root = os.path.join(root, "retrieval")
     retrieval_json = _write_retrieval(rngs[3], retrieval_root, n_retrieval, image_size)

@@ -295,3 +295,13 @@ def test_image_decoder_eval_transform_and_undecodable():
     assert decoder(jpeg).shape == ref.shape and (decoder(jpeg).float() - ref.float()).abs().mean() < 3
     with pytest.raises(Exception):
         decoder(jpeg[:200])  # truncated
+    # an image already at the output size skips Resize and CenterCrop, which would leave it as it is: the same
+    # tensor as the whole transform, exactly, for square and non-square, JPEG and PNG, RGB and grayscale images
+    for w, h, mode in ((64, 64, "RGB"), (64, 64, "L"), (64, 80, "RGB"), (63, 63, "RGB")):
+        for fmt in ("JPEG", "PNG"):
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(photo_jpeg(w, h))).convert(mode).save(buf, fmt)
+            ref = data.eval_crop_transform(64)(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+            out = decoder(buf.getvalue())
+            assert type(out) is type(ref) and out.dtype == ref.dtype and torch.equal(out, ref), (w, h, mode, fmt)
+    assert decoder.unchanged_side == 64 and data.ImageDecoder(data.train_crop_transform(64)).unchanged_side is None

@@ -16,7 +16,8 @@ from torchvision.datasets import ImageFolder
 
 import synthetic_world as world_gen
 
-SMALL = dict(n_pairs=40, samples_per_shard=16, n_triplets=60, n_test_per_class=2, n_retrieval=8, image_size=32)
+SMALL = dict(n_pairs=40, samples_per_shard=16, n_triplets=60, n_test_per_class=2, n_retrieval=8, image_size=32,
+             processes=1)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def worlds(tmp_path_factory):
     a = make("a", seed=0)
     seconds = time.perf_counter() - t
     return {"a": a, "seconds": seconds, "b": make("b", seed=0), "c": make("c", seed=1),
-            "fewer_pairs": make("d", seed=0, n_pairs=20)}
+            "fewer_pairs": make("d", seed=0, n_pairs=20), "two_processes": make("e", seed=0, processes=2)}
 
 
 def _files(root):
@@ -48,8 +49,9 @@ def _nights_rows(world):
 
 
 def test_same_seed_same_bytes_other_seed_other_data(worlds):
-    a, b, c = (_files(worlds[k].root) for k in "abc")
+    a, b, c, e = (_files(worlds[k].root) for k in ("a", "b", "c", "two_processes"))
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    assert a.keys() == e.keys() and all(a[k] == e[k] for k in a)  # shards written by one process or several
     assert a["nights/data.csv"] != c["nights/data.csv"]
     assert a["nights/ref/000/000.png"] != c["nights/ref/000/000.png"]
     assert a["shards/00000.tar"] != c["shards/00000.tar"]
@@ -163,16 +165,17 @@ def test_shards_are_img2dataset_webdataset(worlds):
         with tarfile.open(path) as tar:
             names = tar.getnames()
             keys = sorted({name.split(".")[0] for name in names})
-            assert names == [f"{k}.{ext}" for k in keys for ext in ("jpg", "json", "txt")]  # grouped, key order
+            assert names == [f"{k}.{ext}" for k in keys for ext in ("json", "png", "txt")]  # grouped, key order
             for j, key in enumerate(keys):
                 assert key == f"{s:05d}{j:04d}"
-                with Image.open(io.BytesIO(tar.extractfile(f"{key}.jpg").read())) as im:
-                    assert im.format == "JPEG" and im.size == (32, 32)
+                with Image.open(io.BytesIO(tar.extractfile(f"{key}.png").read())) as im:
+                    assert im.format == "PNG" and im.size == (32, 32)
                 text = tar.extractfile(f"{key}.txt").read().decode("utf-8")
                 meta = json.loads(tar.extractfile(f"{key}.json").read())
                 assert meta["key"] == key and meta["caption"] == text and (meta["width"], meta["height"]) == (32, 32)
-                # the caption names the colour and the shape
+                # the caption names the colour, the shape and the count (a number word, or "a" for one)
                 assert any(c in text for c in world_gen.COLOURS) and any(sh in text for sh in world_gen.SHAPES)
+                assert any(n in text.split() for n in world_gen.COUNTS + ("a", "an"))
                 n += 1
     assert n == 40
 
