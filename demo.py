@@ -1,12 +1,13 @@
 """The whole PI experiment, end to end, on a laptop CPU, with no download.
 
-    python demo.py                  # one seed, under 10 minutes on 2 CPU cores; everything lands in demo_out/
+    python demo.py                  # one seed, about 8 minutes on 2 CPU cores; everything lands in demo_out/
     python demo.py --seeds 0,1,2    # the experiment per seed, then mean ± sd and paired 95% intervals: summary.md
     python demo.py --quick          # a smaller run of the same pipeline, well under a minute (what the tests run)
 
 Per seed it builds the synthetic world of synthetic_world.py (coloured shapes, written as a NIGHTS folder, tar
 shards, ImageFolder tasks and a Karpathy retrieval JSON: the real formats, so every real code path runs), learns a
-BPE merges file from its captions, and runs the paper's experiment with the tiny model, printing each command:
+BPE merges file from its captions, and runs the paper's experiment with the tiny model, printing each command
+(steps that do not need each other's output run side by side, one core each, their output in seed_<s>/<step>.out):
 
     stage 1   train_nights.py                 -> seed_<s>/nights/nights.pt   (PI paper §3.1)
     stage 2   train_clip.py --init nights.pt  -> seed_<s>/pi/                (PI, §3.2)
@@ -44,7 +45,7 @@ RUNS = ("world", "nights", "pi", "baseline", "qkv", "eval_pi_vs_baseline", "eval
 SIZES = {
     "full": dict(world=dict(n_pairs=30000, n_triplets=2000, n_test_per_class=40, n_retrieval=200),
                  nights_epochs=4, clip_epochs=10, clip_batch=128, qkv_epochs=2, merges=1000),
-    "quick": dict(world=dict(n_pairs=512, n_triplets=200, n_test_per_class=4, n_retrieval=20, samples_per_shard=256),
+    "quick": dict(world=dict(n_pairs=512, n_triplets=200, n_test_per_class=4, n_retrieval=20, samples_per_shard=512),
                   nights_epochs=1, clip_epochs=2, clip_batch=128, qkv_epochs=1, merges=200),
 }
 MODEL = "tiny"  # the CLIPConfig preset every stage uses
@@ -124,21 +125,22 @@ def experiment(out, seed, size):
                        "--init", f"{out}/nights/nights.pt"),
                       (f"{out}/baseline.out", "train_clip.py", *stage2, "--out", f"{out}/baseline")])
     final = f"epoch_{size['clip_epochs']}.pt"
-    # Human-later: the baseline's QKV projections fine-tuned on the triplets
-    run("finetune_qkv.py", "--data", world.nights, "--checkpoint", f"{out}/baseline/{final}", "--out", f"{out}/qkv",
-        "--epochs", size["qkv_epochs"], *common)
-
     evaluation = ["--merges", merges, "--synthetic", world.root, "--datasets", "", "--retrieval", "",
                   "--workers", 0]
-    run("evaluate.py", "--checkpoint", f"{out}/pi/{final}", "--compare", f"{out}/baseline/{final}",
-        "--out", f"{out}/eval_pi_vs_baseline", *evaluation)
+    # Then, side by side (none needs another's output): human-later, the baseline's QKV projections fine-tuned on
+    # the triplets; PI vs baseline on every benchmark; and the figures, zero-shot accuracy of every epoch's
+    # checkpoint against samples seen, and the training curves
+    run_side_by_side([
+        (f"{out}/qkv.out", "finetune_qkv.py", "--data", world.nights, "--checkpoint", f"{out}/baseline/{final}",
+         "--out", f"{out}/qkv", "--epochs", size["qkv_epochs"], *common),
+        (f"{out}/eval_pi_vs_baseline.out", "evaluate.py", "--checkpoint", f"{out}/pi/{final}",
+         "--compare", f"{out}/baseline/{final}", "--out", f"{out}/eval_pi_vs_baseline", *evaluation),
+        (f"{out}/figures.out", "evaluate.py", "--scaling", f"{out}/pi,{out}/baseline",
+         "--samples-per-epoch", world.counts["n_pairs"], "--out", f"{out}/figures", *evaluation),
+        (f"{out}/curves.out", "plots.py", "curves", f"{out}/pi/log.jsonl", f"{out}/baseline/log.jsonl",
+         "--labels", "PI,baseline", "--out", f"{out}/figures/curves.png")])
     run("evaluate.py", "--checkpoint", f"{out}/qkv/finetuned.pt", "--compare", f"{out}/baseline/{final}",
         "--config", f"{out}/baseline/config.json", "--out", f"{out}/eval_qkv_vs_baseline", *evaluation)
-    # Figures: zero-shot accuracy of every epoch's checkpoint against samples seen, and the training curves
-    run("evaluate.py", "--scaling", f"{out}/pi,{out}/baseline", "--samples-per-epoch", world.counts["n_pairs"],
-        "--out", f"{out}/figures", *evaluation)
-    run("plots.py", "curves", f"{out}/pi/log.jsonl", f"{out}/baseline/log.jsonl", "--labels", "PI,baseline",
-        "--out", f"{out}/figures/curves.png")
 
     with open(f"{out}/eval_pi_vs_baseline/results.json") as f:
         pi = json.load(f)
