@@ -80,7 +80,7 @@ from tqdm import tqdm
 
 import data
 from model import (CLIP, MODEL_PRESETS, add_renamed, autocast, config_for, load_checkpoint,
-                   load_state_dict_checked, preset_name, triplet_distances, two_afc_scores)
+                   load_state_dict_checked, preset_name, save_checkpoint, triplet_distances, two_afc_scores)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -275,8 +275,7 @@ def cached_classifier(model, tokenizer, classnames, templates, device, cache_dir
     if os.path.exists(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     clf = zero_shot_classifier(model, tokenizer, classnames, templates, device)
-    os.makedirs(cache_dir, exist_ok=True)
-    torch.save(clf, path)
+    save_checkpoint(clf, path)  # atomic: another evaluation sharing the cache never reads half a file
     return clf
 
 # -----------------------------------------------------------------------------------------------------------------
