@@ -66,13 +66,13 @@ def run(script, *args):
     print(f"({script}: {time.time() - t:.0f} s)", flush=True)
 
 
-def run_side_by_side(jobs, threads=None):
-    """Run several of this repo's scripts at once, each with `threads` CPU threads (default: an equal share of the
-    cores) and its output in its own file; jobs is [(log path, script, *args)]. Two small models side by side use
-    two cores better than one after the other: a model this small keeps only about 1.5 cores busy."""
+def run_side_by_side(jobs):
+    """Run several of this repo's scripts at once, each with an equal share of the CPU cores and its output in its
+    own file; jobs is [(log path, script, *args)]. Two small models side by side use two cores better than one
+    after the other: a model this small keeps only about 1.5 cores busy."""
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # the user's setting wins
-        env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // len(jobs)))
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(jobs)))
     t, procs = time.time(), []
     for log, script, *args in jobs:
         cmd, shown = command(script, *args)

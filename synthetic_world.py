@@ -121,17 +121,25 @@ def synthetic_zeroshot_tasks():
 
 # ---- scenes ----
 
+_EDGE, _GAP = 0.02, 0.03  # the least margin between an object and the image edge, and between two objects
+
+
+def _clear(x, y, r, others):
+    """Whether an object at (x, y) of radius r keeps _GAP from each of `others` [(x, y, r, angle)]."""
+    return all(math.hypot(x - u, y - v) > r + q + _GAP for u, v, q, _ in others)
+
+
 def _place(rng, radii, region, existing=()):
     """Objects of the given radii, their centres inside `region`, not overlapping each other or `existing`;
     None if they do not fit. They stand upright (angle 0)."""
     x0, y0, x1, y1 = REGIONS[region]
     placed = list(existing)
     for r in radii:
-        lo_x, hi_x = max(x0, r + 0.02), min(x1, 1 - r - 0.02)  # keep the whole object inside the image
-        lo_y, hi_y = max(y0, r + 0.02), min(y1, 1 - r - 0.02)
+        lo_x, hi_x = max(x0, r + _EDGE), min(x1, 1 - r - _EDGE)  # keep the whole object inside the image
+        lo_y, hi_y = max(y0, r + _EDGE), min(y1, 1 - r - _EDGE)
         for _try in range(100):
             x, y = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
-            if all(math.hypot(x - px, y - py) > r + pr + 0.03 for px, py, pr, _ in placed):
+            if _clear(x, y, r, placed):
                 placed.append((x, y, r, 0.0))  # upright: only the NIGHTS pose change turns objects
                 break
         else:
@@ -141,9 +149,8 @@ def _place(rng, radii, region, existing=()):
 
 def _fits(objects):
     """Whether every object lies inside the image and clear of the others, by _place's margins."""
-    inside = all(r + 0.02 <= v <= 1 - r - 0.02 for x, y, r, _ in objects for v in (x, y))
-    return inside and all(math.hypot(x - u, y - v) > r + q + 0.03
-                          for i, (x, y, r, _) in enumerate(objects) for u, v, q, _ in objects[:i])
+    inside = all(r + _EDGE <= v <= 1 - r - _EDGE for x, y, r, _ in objects for v in (x, y))
+    return inside and all(_clear(x, y, r, objects[:i]) for i, (x, y, r, _) in enumerate(objects))
 
 
 def _layout(rng, radii, region):
@@ -330,8 +337,8 @@ def _observer_votes(rng, left_change, right_change):
 
 def _write_nights(rng, out, n_triplets, image_size):
     """n_triplets rows with >= 6 votes (what the reader keeps), plus some tied rows (3-5 votes, filtered out)."""
-    rows, changes, kept = [], [], 0
-    while kept < n_triplets:
+    rows, changes, n_kept = [], [], 0
+    while n_kept < n_triplets:
         i = len(rows)
         ref = random_scene(rng)
         kinds = [str(k) for k in rng.choice(list(CHANGE_COST), size=2)]  # [left change, right change]
@@ -339,7 +346,7 @@ def _write_nights(rng, out, n_triplets, image_size):
         if votes < 6 and rng.random() > 0.1:
             continue  # a tie: 7 draws in 18; one in ten is written, enough to exercise the reader's filter
         left, right = (change_scene(rng, ref, k) for k in kinds)
-        kept += votes >= 6
+        n_kept += votes >= 6
         rel = {"ref_path": f"ref/{i // 1000:03d}/{i % 1000:03d}.png",
                "left_path": f"distort/{i // 1000:03d}/{i % 1000:03d}_0.png",
                "right_path": f"distort/{i // 1000:03d}/{i % 1000:03d}_1.png"}
