@@ -21,9 +21,13 @@ import itertools
 import json
 import math
 import os
+import queue
 import random
 import re
+import signal
 import tarfile
+import threading
+import time
 import unicodedata
 import warnings
 from collections import Counter, defaultdict
@@ -676,31 +680,38 @@ class NightsTriplets(Dataset):
 # The CPU does only what must happen per image: DataLoader workers decode (JPEGs at the reduced DCT scale the crop
 # needs), random-resized-crop, resize and flip, and hand over uint8 [3, S, S] crops plus each sample's photometric
 # parameters (drawn from the sample's own seed). The photometric augmentations of §3.4 and the CLIP normalisation
-# run batched on the training device (device_transform). Workers make micro-batches; the main process joins
-# `items_per_step` of them, from all its workers in turn, into one rank batch, so a rank batch mixes every worker's
-# shards. Every rank takes the same number of steps, an epoch reads each sample at most once, and data order and
-# augmentation are functions of (seed, epoch, position) only, so a resumed run sees exactly the batches the killed
-# one would have seen. Corrupt images, missing captions and truncated tar members are skipped and counted.
+# run batched on the training device (device_transform).
 #
-# What is held, at the paper's scale (global batch 30,720 = 5,120 per GPU on 6 ranks, 4 workers per rank, micro-
-# batches of 256, 15M samples in 1,500 shards of 10,000, 224 px, JPEGs of ~20-90 KB):
-#   worker shuffle buffer     1,000 encoded samples          20-90 MB per worker, 80-360 MB per rank
-#   open shards per worker    16 tar streams                 file handles and 10 KB read buffers
-#   DataLoader queue          2 micro-batches per worker     8 x 256 x 150 KB = 308 MB of /dev/shm per rank
-#   rank batch (host)         5,120 x 3 x 224 x 224 uint8    771 MB (pinned on GPU), at most 2 alive at a time
-#   device                    uint8 chunk + its float copy   771 MB + 3.1 GB per 5,120 on the GPU, per chunk
-# The float images exist only on the device and only per --accum-steps chunk (see train_clip.train_step).
-# Entry point: image_text_loader(...) -> ImageTextData with .steps_per_epoch and .epoch(e, start_step, positions).
+# The sample order is a function of (seed, epoch, data) only, never of the hardware: global batch t of epoch e is the
+# same samples with the same augmentation draws on 1 GPU or 64, with 0 workers or 16 (tar: canonical streams, see
+# stream_pieces; CSV: GlobalBatchSampler). So PI and its baseline see identical batches wherever each one runs, and a
+# run resumes mid-epoch on another number of ranks or workers exactly where it stopped. Every rank takes the same
+# number of steps, an epoch reads each sample at most once, and corrupt images, missing captions and truncated tar
+# members are skipped and counted (a skipped sample is replaced by its stream's next one).
+#
+# The loader stays ahead of the step: the workers of a rank run one DataLoader over the whole run (all epochs, no
+# restart between them), at least one rank batch deep, and a background thread joins each step's items into one
+# (pinned) rank batch while the previous step runs, so the training loop only takes a finished batch.
+#
+# What is held, at the paper's scale (global batch 30,720 = 5,120 per GPU on 6 ranks, 240 streams = 40 per rank of
+# 128 samples a step, 4 workers per rank, 15M samples in 1,500 shards of 10,000, 224 px, JPEGs of ~20-90 KB):
+#   stream shuffle buffer   1,000 sample references per stream  (offsets into the tar, not bytes): ~40 MB per rank
+#   open shards per stream  2 tar files                         file handles; bytes are read when a sample is decoded
+#   DataLoader queue        one step + one item per worker      44 items x 128 x 150 KB = 850 MB of /dev/shm per rank
+#   joined rank batch       5,120 x 3 x 224 x 224 uint8         771 MB pinned; one queued, one being joined
+#   device                  uint8 rank batch + float chunk      771 MB + 3.1 GB per 5,120 (see train_clip.train_step)
+# Entry point: image_text_loader(...) -> ImageTextData with .steps_per_epoch and .batches(start_step, positions).
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Why a sample was skipped, as counted in each batch's "bad" and summed over ranks in train_clip's log.jsonl
 NO_IMAGE, NO_CAPTION, UNDECODABLE, TRUNCATED = "no image", "no caption", "undecodable", "truncated"
 SKIPS = (NO_IMAGE, NO_CAPTION, UNDECODABLE, TRUNCATED)
-# Not a skip: a sample a tar worker read a second time in one epoch because its shards held fewer usable samples than
-# their _stats.json said (so that every rank still takes the same number of steps; see unit_stream)
+# Not a skip: a sample a stream read a second time in one epoch because its shards held fewer usable samples than
+# their _stats.json said (so that every rank still takes the same number of steps; see stream_samples)
 REREAD = "reread"
-MICRO_BATCH = 256  # samples per worker item: small items keep the DataLoader's queue small (see above)
-SHARDS_PER_WORKER = 16  # tar shards a worker reads at once, interleaved
-SHUFFLE_BUFFER = 1000  # encoded samples per worker shuffle buffer
+DATA_STREAMS = 240  # tar: gcd(global batch, 240) canonical streams by default; 240 shares out over 1-6, 8, 10, 12 ranks
+SHARDS_PER_STREAM = 2  # tar shards a stream reads at once, interleaved
+SHUFFLE_BUFFER = 1000  # sample references per stream shuffle buffer
+MICRO_BATCH = 256  # CSV: rows per worker item
 
 
 def stable_seed(*keys):
@@ -824,17 +835,19 @@ def _split(n, parts):
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
-# ---- webdataset-style tar shards
+
+# ---- webdataset-style tar shards: where the samples lie
 
 
-def tar_samples(path, bad, start=0, stop=None):
-    """Samples start, ..., stop - 1 of one tar shard, in file order, as dicts {"__key__": key, ext: bytes}; a sample
-    is the consecutive members sharing a key (the file name up to its first dot, as webdataset groups them). The
-    members before `start` are stepped over without reading their data. A truncated or unreadable shard ends early,
-    keeping what came before; `bad` (a Counter) counts the damage."""
+def tar_index(path, bad, start=0, stop=None):
+    """Samples start, ..., stop - 1 of one plain (uncompressed) tar shard, in file order, from the headers alone:
+    dicts {"__key__": key, ext: (offset, size)} saying where each member's bytes lie (read them with MemberReader).
+    A sample is the consecutive members sharing a key (the file name up to its first dot, as webdataset groups them).
+    A truncated or unreadable shard ends early, keeping what came before; `bad` (a Counter) counts the damage."""
     sample, index = {}, -1
     try:
-        with tarfile.open(path, "r:*") as tar:  # seekable: skipped members' data are never read
+        with tarfile.open(path, "r:") as tar:  # seeks over the data: only the 512-byte headers are read
+            end = os.fstat(tar.fileobj.fileno()).st_size
             for member in tar:
                 tar.members = []  # tarfile keeps every header it has read: ~15 MB for a 10,000-sample shard
                 if not member.isfile():
@@ -847,14 +860,47 @@ def tar_samples(path, bad, start=0, stop=None):
                     sample = {"__key__": key}
                     if stop is not None and index >= stop:
                         return
+                if member.offset_data + member.size > end:
+                    raise EOFError(f"{member.name} is cut short")
                 if index >= start:
-                    sample[ext.lower()] = tar.extractfile(member).read()
+                    sample[ext.lower()] = (member.offset_data, member.size)
     except (tarfile.TarError, OSError, EOFError) as err:  # truncated member or archive, unreadable file
         bad[TRUNCATED] += 1
         warnings.warn(f"{path}: {type(err).__name__}: {err}; keeping the samples before it")
         sample = {}  # the sample being read is incomplete
     if index >= start and len(sample) > 1:
         yield sample
+
+
+class MemberReader:
+    """Reads tar members' bytes by (path, offset, size), keeping the most recently used files open."""
+
+    def __init__(self, keep=64):
+        self.keep, self.files = keep, {}  # path -> fd, in order of use (dicts keep insertion order)
+
+    def __call__(self, path, offset, size):
+        fd = self.files.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            if len(self.files) >= self.keep:
+                os.close(self.files.pop(next(iter(self.files))))
+        self.files[path] = fd
+        return os.pread(fd, size, offset)
+
+    def close(self):
+        for fd in self.files.values():
+            os.close(fd)
+        self.files = {}
+
+
+def tar_samples(path, bad, start=0, stop=None):
+    """tar_index with each member's bytes read: {"__key__": key, ext: bytes}."""
+    read = MemberReader(keep=1)
+    try:
+        for sample in tar_index(path, bad, start, stop):
+            yield {k: v if k == "__key__" else read(path, *v) for k, v in sample.items()}
+    finally:
+        read.close()
 
 
 def _key_and_ext(name):
@@ -866,17 +912,66 @@ def _key_and_ext(name):
 def count_tar_samples(path):
     """Samples in a tar shard, from its headers alone (seeks over the data); a damaged shard counts what precedes
     the damage."""
-    n, last = 0, None
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                tar.members = []
-                key = _key_and_ext(member.name)[0]
-                if member.isfile() and key != last:
-                    n, last = n + 1, key
-    except (tarfile.TarError, OSError, EOFError):
-        pass
-    return n
+    return sum(1 for _ in tar_index(path, Counter()))
+
+
+def check_plain_tar(path):
+    """Compressed shards cannot be read by offset: say so at start, not as skips in every worker."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
+        raise ValueError(f"{path} is a compressed tar: shards must be plain .tar files (as img2dataset and "
+                         f"webdataset's TarWriter write them); unpack it, e.g. gunzip")
+
+
+def _stats_size(path):
+    """img2dataset's {shard}_stats.json "successes" for one shard, or None without that file."""
+    stats = re.sub(r"\.tar(\.\w+)?$", "_stats.json", path)
+    if stats == path or not os.path.isfile(stats):
+        return None
+    with open(stats) as f:
+        return int(json.load(f)["successes"])
+
+
+def shard_sizes(shards):
+    """Samples per shard: img2dataset's {shard}_stats.json "successes", or, without one, the shard's samples counted
+    from its tar headers (no image data read)."""
+    sizes = []
+    for path in shards:
+        n = _stats_size(path)
+        sizes.append(n if n is not None else count_tar_samples(path))
+    return sizes
+
+
+# ---- the sample order of tar shards: canonical streams
+
+
+def stream_pieces(sizes, streams, per_stream, seed, epoch):
+    """THE ORDER. Which samples each of the `streams` canonical streams reads in an epoch: [[(shard, start, stop)]].
+
+    The shards are put in an order drawn from (seed, epoch) and read as one sequence of sum(sizes) samples; stream s
+    takes the s-th contiguous range of `per_stream` samples of it (steps x batch / streams; the tail, less than one
+    global batch, is not read this epoch). A shard split between two streams is read by both, each only its own
+    samples. Each stream then goes through its samples in an order drawn from (seed, epoch, stream)
+    (stream_samples), and global batch t of the epoch is, for s = 0, 1, ..., streams - 1, the t-th batch/streams
+    usable samples of stream s. Nothing here depends on the ranks or workers: rank r of R reads streams
+    [r S/R, (r+1) S/R), shared out among its workers, and the ranks' batches, joined in rank order, are the global
+    batch in stream order. So the global batch is the same on any R x W, and a stream resumes from its position
+    alone on any other R' x W'."""
+    order = list(range(len(sizes)))
+    random.Random(stable_seed(seed, epoch)).shuffle(order)
+    plan, shard, offset = [], 0, 0  # offset: samples of order[shard] already given out
+    for _ in range(streams):
+        need, pieces = per_stream, []
+        while need:
+            take = min(need, sizes[order[shard]] - offset)
+            if take:
+                pieces.append((order[shard], offset, offset + take))
+            need, offset = need - take, offset + take
+            if offset == sizes[order[shard]]:
+                shard, offset = shard + 1, 0
+        plan.append(pieces)
+    return plan
 
 
 def shuffle_buffer(items, size, rng):
@@ -916,153 +1011,143 @@ def interleave(pieces, read, n_open, rng):
             yield item
 
 
-def _stats_size(path):
-    """img2dataset's {shard}_stats.json "successes" for one shard, or None without that file."""
-    stats = re.sub(r"\.tar(\.\w+)?$", "_stats.json", path)
-    if stats == path or not os.path.isfile(stats):
-        return None
-    with open(stats) as f:
-        return int(json.load(f)["successes"])
-
-
-def shard_sizes(shards):
-    """Samples per shard: img2dataset's {shard}_stats.json "successes", or, without one, the shard's samples counted
-    from its tar headers (no image data read)."""
-    sizes = []
-    for path in shards:
-        n = _stats_size(path)
-        sizes.append(n if n is not None else count_tar_samples(path))
-    return sizes
-
-
-def item_sizes(rank_batch, n_items):
-    """Sizes of the micro-batches that make one rank batch: rank_batch split into n_items near-equal parts."""
-    return _split(rank_batch, n_items)
-
-
-def epoch_pieces(sizes, steps, rank_batch, items_per_step, world_size, n_workers, seed, epoch):
-    """Which samples each unit (rank, worker) reads in an epoch, as {unit: [(shard index, start, stop)]}.
-
-    The shards are put in an order drawn from (seed, epoch), the same on every rank, and read as one sequence of
-    sum(sizes) samples. Item j of a rank's epoch (a micro-batch) comes from worker j % n_workers, so each worker's
-    quota is known; unit u = rank * n_workers + worker takes the next contiguous range of the sequence of that
-    length. A shard split between two units is read by both, each only its own samples. The sequence's tail past
-    steps x global batch (less than one global batch) is not read this epoch."""
-    order = list(range(len(sizes)))
-    random.Random(stable_seed(seed, epoch)).shuffle(order)
-    parts = item_sizes(rank_batch, items_per_step)
-    quota = [sum(parts[j % items_per_step] for j in range(steps * items_per_step) if j % n_workers == w)
-             for w in range(n_workers)]
-    plan, shard, offset = {}, 0, 0  # offset: samples of order[shard] already given out
-    for unit in range(world_size * n_workers):
-        need, plan[unit] = quota[unit % n_workers], []
-        while need:
-            take = min(need, sizes[order[shard]] - offset)
-            if take:
-                plan[unit].append((order[shard], offset, offset + take))
-            need, offset = need - take, offset + take
-            if offset == sizes[order[shard]]:
-                shard, offset = shard + 1, 0
-    return plan
-
-
-def unit_stream(pieces, read, seed, epoch, unit, n_open, buffer_size):
-    """The endless stream of one unit: (pass, item) for the items of its pieces, interleaved and shuffled, pass
-    after pass. Pass 0 reads each sample once; a unit needs pass 1 only when its shards held fewer usable samples
-    than planned (corrupt members, stats that overcount), and then re-reads its own samples, never another unit's."""
+def stream_samples(pieces, read, seed, epoch, stream, n_open, buffer_size):
+    """The endless sequence of one stream: (pass, item) for the items of its pieces, interleaved and shuffled, pass
+    after pass. Pass 0 reads each sample once; a stream needs pass 1 only when its shards held fewer usable samples
+    than planned (corrupt members, stats that overcount), and then re-reads its own samples, never another's."""
     for p in itertools.count():
-        rng = random.Random(stable_seed(seed, epoch, unit, p))
+        rng = random.Random(stable_seed(seed, epoch, stream, p))
         n = 0
         for item in shuffle_buffer(interleave(pieces, read, n_open, rng), buffer_size, rng):
             n += 1
             yield p, item
         if n == 0:
-            raise RuntimeError(f"no samples could be read from the shards of data unit {unit}: {pieces[:3]}...")
+            raise RuntimeError(f"no samples could be read from the shards of data stream {stream}: {pieces[:3]}...")
+
+
+def default_streams(batch_size):
+    return math.gcd(batch_size, DATA_STREAMS)
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_streams(streams, batch_size, world_size):
+    """The streams must divide the global batch and share out evenly over the ranks; otherwise an error naming
+    the nearest setups that work (changing --data-streams changes the order: set it alike in runs you compare)."""
+    if streams < 1 or batch_size % streams:
+        raise ValueError(f"--data-streams {streams} must divide the global batch {batch_size} (each stream gives "
+                         f"batch / streams samples a step); e.g. {default_streams(batch_size)}")
+    if streams % world_size:
+        ranks = _divisors(streams)
+        fewer, more = max(r for r in ranks if r < world_size), min((r for r in ranks if r > world_size), default=None)
+        other = [s for s in _divisors(batch_size) if s % world_size == 0]
+        nearest = min(other, key=lambda s: abs(s - streams))
+        raise ValueError(f"{world_size} ranks cannot share {streams} data streams evenly: run on {fewer}"
+                         f"{'' if more is None else f' or {more}'} ranks, or pass --data-streams {nearest} (a "
+                         f"different sample order: give the same value to every run you compare)")
+
+
+def stream_workers(streams_per_rank, workers):
+    """Workers that share a rank's streams evenly (each makes one item per stream per step, and the DataLoader
+    takes items from its workers in turn): the largest divisor of streams_per_rank that is <= workers."""
+    return max(d for d in _divisors(streams_per_rank) if d <= max(workers, 1)) if workers else 0
 
 
 class TarImageText(IterableDataset):
-    """Streaming micro-batches of (uint8 crop, photometric parameters, tokens) from tar shards for one rank.
+    """One rank's share of the canonical streams (stream_pieces) as items: one stream's samples for one step.
 
-    Each epoch the shards are dealt to the ranks x workers as contiguous ranges of samples (epoch_pieces). A worker
-    reads `shards_per_worker` shards at once, interleaved, through a shuffle buffer, and makes the micro-batches the
-    DataLoader asks it for (item j of the rank's epoch from worker j % n_workers). A sample's augmentation is seeded
-    by (seed, epoch, shard, index in shard, pass).
+    Worker w of W takes the rank's streams w, w + W, ...; from step `first_step` to the end of the run (all epochs,
+    so the workers never restart) it yields, step by step and stream by stream, the next batch/streams usable
+    samples of that stream: dict(images uint8 [n, 3, S, S], params, tokens, bad, stream, step, pos, decode_s), where
+    pos counts the entries of the stream consumed this epoch. A sample's augmentation is seeded by (seed, epoch,
+    shard, index in shard, pass). Given the positions of a killed run, `start(step, positions)` replays each stream
+    to its position from the tar headers alone (nothing decoded, skips not counted again)."""
 
-    Each micro-batch reports `worker` and `pos` (how many entries of that worker's stream it has consumed); given
-    those positions, `set_epoch(e, start_step, positions)` continues an epoch exactly where a killed run left it:
-    the workers replay their streams up to there without decoding anything, and without counting skips again.
-    """
-
-    def __init__(self, shards, tokenizer, image_size, batch_size, steps_per_epoch, rank=0, world_size=1, seed=0,
-                 buffer_size=SHUFFLE_BUFFER, context_length=77, augment=True, micro_batch=MICRO_BATCH,
-                 shards_per_worker=SHARDS_PER_WORKER, sizes=None):
-        self.shards = expand_shards(shards)
-        missing = [p for p in self.shards if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(self.shards)} shards do not exist, e.g. {missing[0]}")
-        self.sizes = sizes if sizes is not None else shard_sizes(self.shards)
+    def __init__(self, shards, sizes, tokenizer, image_size, batch_size, steps_per_epoch, epochs, streams, rank=0,
+                 world_size=1, seed=0, buffer_size=SHUFFLE_BUFFER, shards_per_stream=SHARDS_PER_STREAM,
+                 context_length=77, augment=True):
+        self.shards, self.sizes = shards, sizes
         self.tokenizer, self.context_length, self.augment = tokenizer, context_length, augment
-        self.decoder = crop_decoder(image_size, augment)
-        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
-        self.items_per_step = math.ceil(batch_size / micro_batch)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.buffer_size, self.shards_per_worker = buffer_size, shards_per_worker
-        self.set_epoch(0)
+        self.decoder, self.image_size = crop_decoder(image_size, augment), image_size
+        self.steps_per_epoch, self.epochs, self.seed = steps_per_epoch, epochs, seed
+        self.streams, self.per_stream = streams, batch_size // streams  # samples a stream gives each step
+        per_rank = streams // world_size
+        self.rank_streams = range(rank * per_rank, (rank + 1) * per_rank)
+        self.buffer_size, self.shards_per_stream = buffer_size, shards_per_stream
+        self.start()
 
-    def set_epoch(self, epoch, start_step=0, positions=None):
-        self.epoch, self.start_step, self.positions = epoch, start_step, dict(positions or {})
-
-    def _read(self, piece):
-        """(shard, index, sample dict) for the samples of one piece."""
-        shard, start, stop = piece
-        samples = tar_samples(self.shards[shard], self.bad, start, stop)
-        return ((shard, i, s) for i, s in zip(itertools.count(start), samples))
+    def start(self, step=0, positions=None):
+        self.first_step, self.positions = step, dict(positions or {})
 
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        # The DataLoader asks its workers in turn, starting from worker 0, so after `start_step` steps worker w
-        # makes item first + w: it plays the part of worker (w + first) % n_workers of the epoch.
-        first, n_items = self.start_step * self.items_per_step, self.steps_per_epoch * self.items_per_step
-        worker = (worker + first) % n_workers
-        items = [j for j in range(first, n_items) if j % n_workers == worker]
-        if not items:
-            return
-        unit = self.rank * n_workers + worker
-        pieces = epoch_pieces(self.sizes, self.steps_per_epoch, self.batch_size, self.items_per_step,
-                              self.world_size, n_workers, self.seed, self.epoch)[unit]
-        self.bad = Counter()  # read by _read (tar damage) and below
-        stream = unit_stream(pieces, self._read, self.seed, self.epoch, unit, self.shards_per_worker,
-                             self.buffer_size)
-        pos = self.positions.get(worker, 0)
-        for _ in range(pos):
-            next(stream)  # consumed before the checkpoint: replayed without decoding
-        self.bad.clear()  # and its skips were counted then
-        sizes = item_sizes(self.batch_size, self.items_per_step)
-        for j in items:
-            images, params, captions = [], [], []
-            while len(images) < sizes[j % self.items_per_step]:
-                p, (shard, index, sample) = next(stream)
-                pos += 1
-                decoded = self._decode(sample, stable_seed(self.seed, self.epoch, shard, index, p))
-                if decoded is not None:
-                    images.append(decoded[0])
-                    params.append(decoded[1])
-                    captions.append(decoded[2])
-                    self.bad[REREAD] += p > 0
-            yield _micro_batch(images, params, captions, self.tokenizer, self.context_length, +self.bad,
-                               worker=worker, pos=pos)
-            self.bad.clear()
+        mine = self.rank_streams[worker::n_workers]
+        self.read, self.bad = MemberReader(), Counter()  # bad: counted by tar_index (damage) and _take (skips)
+        step, total = self.first_step, self.steps_per_epoch * self.epochs
+        positions = self.positions if step % self.steps_per_epoch else {}
+        while step < total:
+            epoch, end = step // self.steps_per_epoch, (step // self.steps_per_epoch + 1) * self.steps_per_epoch
+            streams = {s: self._open(s, epoch, positions.get(s, 0)) for s in mine}
+            positions = {}  # later epochs start at their beginning
+            self.bad.clear()  # the replayed samples' skips were counted before the checkpoint
+            for t in range(step, end):
+                for s in mine:
+                    yield self._take(streams[s], s, t, epoch, shared=info is not None)
+            step = end
 
-    def _decode(self, sample, seed):
+    def _open(self, stream, epoch, pos):
+        """[the stream's iterator, its position], replayed to `pos` entries."""
+        per_stream = self.steps_per_epoch * self.per_stream
+        pieces = stream_pieces(self.sizes, self.streams, per_stream, self.seed, epoch)[stream]
+        it = stream_samples(pieces, self._index, self.seed, epoch, stream, self.shards_per_stream, self.buffer_size)
+        for _ in range(pos):
+            next(it)
+        return [it, pos]
+
+    def _index(self, piece):
+        """(shard, index, sample) for the samples of one piece, from the tar headers."""
+        shard, start, stop = piece
+        return ((shard, i, s) for i, s in zip(itertools.count(start), tar_index(self.shards[shard], self.bad,
+                                                                                start, stop)))
+
+    def _take(self, stream, s, step, epoch, shared):
+        """The next per_stream usable samples of one stream, as an item. In a worker the image tensor is made in
+        shared memory, so that handing it to the main process copies nothing."""
+        t0, n = time.process_time(), self.per_stream
+        images = torch.empty((n, 3, self.image_size, self.image_size), dtype=torch.uint8)
+        images = images.share_memory_() if shared else images
+        params, captions = [], []
+        while len(captions) < n:
+            p, (shard, index, sample) = next(stream[0])
+            stream[1] += 1
+            decoded = self._decode(shard, sample, stable_seed(self.seed, epoch, shard, index, p))
+            if decoded is not None:
+                images[len(captions)] = decoded[0]
+                params.append(decoded[1])
+                captions.append(decoded[2])
+                self.bad[REREAD] += p > 0
+        item = dict(images=images, params=torch.stack(params) if self.augment else None,
+                    tokens=self.tokenizer(captions, context_length=self.context_length), bad=dict(+self.bad),
+                    stream=s, step=step, pos=stream[1], decode_s=time.process_time() - t0)
+        self.bad.clear()
+        return item
+
+    def _decode(self, shard, sample, seed):
         """(image, params, caption), or None for a counted skip."""
-        data = next((sample[e] for e in SHARD_IMAGE_EXTENSIONS if e in sample), None)
-        caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
-        if data is None or not caption:
-            self.bad[NO_IMAGE if data is None else NO_CAPTION] += 1
+        where = next((sample[e] for e in SHARD_IMAGE_EXTENSIONS if e in sample), None)
+        if where is None or "txt" not in sample:
+            self.bad[NO_IMAGE if where is None else NO_CAPTION] += 1
+            return None
+        path = self.shards[shard]
+        caption = self.read(path, *sample["txt"]).decode("utf-8", errors="replace").strip()
+        if not caption:
+            self.bad[NO_CAPTION] += 1
             return None
         try:
-            image, params = decode_sample(self.decoder, data, seed, self.augment)
+            image, params = decode_sample(self.decoder, self.read(path, *where), seed, self.augment)
         except Exception:  # corrupt, truncated or unsupported image
             self.bad[UNDECODABLE] += 1
             return None
@@ -1115,58 +1200,62 @@ class CsvImageText(Dataset):
 
 
 class GlobalBatchSampler:
-    """Which rows each rank reads at each step, with the rank split explicit.
+    """Which rows each rank reads at each step of the run, with the rank split explicit.
 
-    Epoch e orders all rows by a permutation drawn from (seed, e); global batch k is positions [k*B, (k+1)*B) of
-    it and rank r reads the contiguous slice [k*B + r*b, k*B + (r+1)*b), b = B / world_size, as `items_per_step`
+    Epoch e orders all rows by a permutation drawn from (seed, e); global batch k of it is positions [k*B, (k+1)*B)
+    and rank r reads the contiguous slice [k*B + r*b, k*B + (r+1)*b), b = B / world_size, as `items_per_step`
     micro-batches. Each sample's augmentation is seeded by (seed, e, position). So the global order and the images
     themselves do not depend on the number of ranks or workers: 2 ranks see exactly the batches one process sees,
     and a resumed run starts at step k of the same order. The positions past the last full batch are the epoch's
     spare rows: a row whose image cannot be read is replaced by a spare one (or, without spares, by the row one
-    batch further on).
+    batch further on). Iterates from global step `first_step` (see start) to the end of the last epoch.
     """
 
-    def __init__(self, n_rows, batch_size, steps_per_epoch, rank=0, world_size=1, seed=0, n_substitutes=4,
+    def __init__(self, n_rows, batch_size, steps_per_epoch, epochs=1, rank=0, world_size=1, seed=0, n_substitutes=4,
                  items_per_step=1):
-        self.n, self.batch_size, self.steps_per_epoch = n_rows, batch_size, steps_per_epoch
+        self.n, self.batch_size, self.steps_per_epoch, self.epochs = n_rows, batch_size, steps_per_epoch, epochs
         self.rank, self.world_size, self.seed, self.n_substitutes = rank, world_size, seed, n_substitutes
         self.items_per_step = items_per_step
-        self.set_epoch(0)
+        self.start()
 
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start_step = epoch, start_step
+    def start(self, step=0):
+        self.first_step = step
 
     def __len__(self):
-        return (self.steps_per_epoch - self.start_step) * self.items_per_step
+        return (self.steps_per_epoch * self.epochs - self.first_step) * self.items_per_step
 
     def __iter__(self):
-        order = np.random.default_rng(stable_seed(self.seed, self.epoch)).permutation(self.n)
-        spare = order[self.steps_per_epoch * self.batch_size:]
-        b = self.batch_size // self.world_size
-        for k in range(self.start_step, self.steps_per_epoch):
-            start = k * self.batch_size + self.rank * b
-            for size in item_sizes(b, self.items_per_step):
-                yield [self._row(j, order, spare) for j in range(start, start + size)]
+        b, epoch = self.batch_size // self.world_size, None
+        for step in range(self.first_step, self.steps_per_epoch * self.epochs):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                order = np.random.default_rng(stable_seed(self.seed, epoch)).permutation(self.n)
+                spare = order[self.steps_per_epoch * self.batch_size:]
+            start = (step % self.steps_per_epoch) * self.batch_size + self.rank * b
+            for size in _split(b, self.items_per_step):
+                yield [self._row(j, order, spare, epoch) for j in range(start, start + size)]
                 start += size
 
-    def _row(self, j, order, spare):
+    def _row(self, j, order, spare, epoch):
         if len(spare):
             subs = [spare[(j + t) % len(spare)] for t in range(min(self.n_substitutes, len(spare)))]
         else:
             subs = [order[(j + t * self.batch_size) % self.n] for t in range(1, self.n_substitutes + 1)]
-        return int(order[j]), tuple(int(s) for s in subs), stable_seed(self.seed, self.epoch, j)
+        return int(order[j]), tuple(int(s) for s in subs), stable_seed(self.seed, epoch, j)
 
 
-# ---- one entry point for train_clip.py
+# ---- one entry point for train_clip.py: rank batches, a step ahead
 
 
 def is_csv(spec):
     return isinstance(spec, str) and spec.lower().endswith((".csv", ".tsv"))
 
 
-def join_micro_batches(items, pin_memory=False):
-    """One rank batch from its micro-batches: images stay uint8, copied once into (pinned) host memory so that the
-    copy to the GPU can be non-blocking; `positions` are the tar workers' stream positions after this batch."""
+def join_items(items, pin_memory=False):
+    """One rank batch from the items of one step, in stream order (CSV items come in row order): images stay uint8,
+    copied once into (pinned) host memory so that the copy to the GPU can be non-blocking; `positions` are the tar
+    streams' positions after this batch."""
+    items = sorted(items, key=lambda it: it.get("stream", 0))  # stable: CSV items keep their order
     n, first = sum(len(it["tokens"]) for it in items), items[0]["images"]
     images = torch.empty((n, *first.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
     torch.cat([it["images"] for it in items], out=images)
@@ -1175,48 +1264,126 @@ def join_micro_batches(items, pin_memory=False):
     for it in items:
         bad.update(it["bad"])
     return dict(images=images, params=params, tokens=torch.cat([it["tokens"] for it in items]), bad=dict(bad),
-                positions={it["worker"]: it["pos"] for it in items if "worker" in it})
+                positions={it["stream"]: it["pos"] for it in items if "stream" in it},
+                decode_s=sum(it.get("decode_s", 0.0) for it in items))
+
+
+def batch_to_device(batch, device):
+    """The batch's tensors on `device` (non-blocking from pinned memory); the other entries as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _leave_signals_to_the_main_process(worker_id):
+    """DataLoader workers ignore Ctrl-C, SIGTERM and SIGUSR1 (SLURM sends them to every process of a job): the main
+    process finishes its step, saves and stops the workers itself. A worker killed by one would end the run at once
+    through PyTorch's SIGCHLD handler, before state.pt is written."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class RunAhead:
+    """Iterates `iterator` in a background thread, up to `depth` results ahead of the consumer, so that its work
+    (here: waiting for the workers' items, joining and pinning them) overlaps the training step. Errors are raised
+    in the consumer; close() stops the thread."""
+
+    def __init__(self, iterator, depth=1):
+        self.queue, self.stopping = queue.Queue(depth), threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(iterator,), daemon=True)
+        self.thread.start()
+
+    def _run(self, iterator):
+        try:
+            for result in iterator:
+                if not self._put((result, None)):
+                    return
+            self._put((None, StopIteration()))
+        except BaseException as err:  # raised in the consumer, with its traceback
+            self._put((None, err))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close:
+                close()  # a generator's close: the DataLoader it holds shuts its workers down
+
+    def _put(self, entry):
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        result, err = self.queue.get()
+        if err is not None:
+            self.close()
+            raise err
+        return result
+
+    def close(self):
+        self.stopping.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.1)  # unblocks a put
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.1)
 
 
 class ImageTextData:
-    """Per-epoch rank batches over tar shards or a CSV for one rank (made by image_text_loader)."""
+    """The rank batches of a whole run over tar shards or a CSV for one rank (made by image_text_loader)."""
 
-    def __init__(self, dataset, sampler, steps_per_epoch, samples_per_epoch, workers, pin_memory, items_per_step):
+    def __init__(self, dataset, sampler, steps_per_epoch, samples_per_epoch, epochs, workers, items_per_step,
+                 pin_memory, streams=None):
         self.dataset, self.sampler, self.workers, self.pin_memory = dataset, sampler, workers, pin_memory
-        self.steps_per_epoch, self.samples_per_epoch, self.items_per_step = (steps_per_epoch, samples_per_epoch,
-                                                                             items_per_step)
+        self.steps_per_epoch, self.samples_per_epoch, self.epochs = steps_per_epoch, samples_per_epoch, epochs
+        self.items_per_step, self.streams = items_per_step, streams
         self.kind = "csv" if sampler is not None else "tar"
 
-    def epoch(self, epoch, start_step=0, positions=None):
-        """The rank batches of `epoch` from step `start_step` on (positions: the last `worker -> pos` of each tar
-        worker before start_step, as reported in the batches' `positions`; ignored for CSV)."""
-        kw = dict(num_workers=self.workers, persistent_workers=False)
+    def batches(self, start_step=0, positions=None):
+        """The rank batches from global step `start_step` to the end of the last epoch, each a dict with images,
+        params, tokens, bad (skips by kind), positions, step and decode_s (worker CPU seconds). positions: the
+        tar streams' `stream -> pos` of the batches before start_step (from their `positions`; ignored for CSV and
+        at an epoch start). One DataLoader serves the whole run; its queue holds a step's items plus one per
+        worker, and a thread joins the next batch while the caller's step runs."""
+        kw = dict(num_workers=self.workers, worker_init_fn=_leave_signals_to_the_main_process)
+        if self.workers:
+            kw["prefetch_factor"] = math.ceil(self.items_per_step / self.workers) + 1
         if self.sampler is not None:
-            self.sampler.set_epoch(epoch, start_step)
+            self.sampler.start(start_step)
             loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.dataset.collate, **kw)
         else:
-            self.dataset.set_epoch(epoch, start_step, positions)
+            self.dataset.start(start_step, positions)
             loader = DataLoader(self.dataset, batch_size=None, **kw)
-        items = iter(loader)
-        for _ in range(start_step, self.steps_per_epoch):
-            yield join_micro_batches([next(items) for _ in range(self.items_per_step)], self.pin_memory)
+        items = iter(loader)  # starts the workers here, in the caller's thread
+        return RunAhead(self._joined(items, start_step))
+
+    def _joined(self, items, start_step):
+        for step in range(start_step, self.steps_per_epoch * self.epochs):
+            parts = [next(items) for _ in range(self.items_per_step)]
+            if any(it.get("step", step) != step for it in parts):  # the workers' turns out of step: a bug, not data
+                raise RuntimeError(f"step {step}: items of steps {sorted({it['step'] for it in parts})} arrived")
+            yield dict(join_items(parts, self.pin_memory), step=step)
 
 
-def image_text_loader(data, tokenizer, image_size, batch_size, rank=0, world_size=1, workers=4, seed=0,
-                      samples_per_epoch=None, buffer_size=SHUFFLE_BUFFER, csv_img_key="filepath",
+def image_text_loader(data, tokenizer, image_size, batch_size, epochs=1, rank=0, world_size=1, workers=4, seed=0,
+                      samples_per_epoch=None, streams=None, buffer_size=SHUFFLE_BUFFER, csv_img_key="filepath",
                       csv_caption_key="title", csv_sep=None, context_length=77, pin_memory=False, augment=True,
-                      micro_batch=MICRO_BATCH, shards_per_worker=SHARDS_PER_WORKER):
-    """Image-text batches for one rank: dicts with images (uint8 [b, 3, S, S]), params ([b, PHOTOMETRIC_PARAMS] for
-    device_transform, or None without augmentation), tokens [b, 77], bad (skips by kind) and, for tar shards,
-    positions. `data`: a .csv/.tsv file, or tar shards ('dir/{00000..01499}.tar', a list, or patterns joined by
-    '::'). `batch_size` is the GLOBAL batch; each rank gets batch_size / world_size samples per step. An epoch is
-    samples_per_epoch // batch_size steps (at most one global batch is left out); samples_per_epoch defaults to, and
-    is at most, the CSV's rows with a caption, or the shards' samples (img2dataset's *_stats.json "successes", or
-    counted from the tar headers)."""
+                      micro_batch=MICRO_BATCH, shards_per_stream=SHARDS_PER_STREAM):
+    """Image-text batches for one rank over `epochs` epochs: ImageTextData, whose batches(start_step, positions)
+    gives dicts with images (uint8 [b, 3, S, S]), params ([b, PHOTOMETRIC_PARAMS] for device_transform, or None
+    without augmentation), tokens [b, 77], bad (skips by kind) and, for tar shards, positions. `data`: a .csv/.tsv
+    file, or tar shards ('dir/{00000..01499}.tar', a list, or patterns joined by '::'). `batch_size` is the GLOBAL
+    batch; each rank gets batch_size / world_size samples per step. An epoch is samples_per_epoch // batch_size steps
+    (at most one global batch is left out); samples_per_epoch defaults to, and is at most, the CSV's rows with a
+    caption, or the shards' samples (img2dataset's *_stats.json "successes", or counted from the tar headers).
+    `streams` (tar): the canonical streams of the order (stream_pieces), default gcd(batch_size, 240)."""
     if batch_size % world_size:
         raise ValueError(f"the global batch {batch_size} is not divisible by the {world_size} ranks")
     per_rank = batch_size // world_size
-    items_per_step = math.ceil(per_rank / micro_batch)
     if is_csv(data):
         ds = CsvImageText(data, tokenizer, image_size, csv_img_key, csv_caption_key, csv_sep, context_length, augment)
         if ds.no_caption:
@@ -1227,6 +1394,7 @@ def image_text_loader(data, tokenizer, image_size, batch_size, rank=0, world_siz
         missing = [p for p in shards if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}")
+        check_plain_tar(shards[0])
         sizes = shard_sizes(shards)
         available = sum(sizes)
     if samples_per_epoch and samples_per_epoch > available:
@@ -1237,9 +1405,17 @@ def image_text_loader(data, tokenizer, image_size, batch_size, rank=0, world_siz
     if steps < 1:
         raise ValueError(f"an epoch of {samples_per_epoch} samples holds no full batch of {batch_size}")
     if is_csv(data):
-        sampler = GlobalBatchSampler(len(ds), batch_size, steps, rank, world_size, seed, items_per_step=items_per_step)
-    else:
-        ds = TarImageText(shards, tokenizer, image_size, per_rank, steps, rank, world_size, seed, buffer_size,
-                          context_length, augment, micro_batch, shards_per_worker, sizes)
-        sampler = None
-    return ImageTextData(ds, sampler, steps, samples_per_epoch, workers, pin_memory, items_per_step)
+        items_per_step = math.ceil(per_rank / micro_batch)
+        sampler = GlobalBatchSampler(len(ds), batch_size, steps, epochs, rank, world_size, seed,
+                                     items_per_step=items_per_step)
+        return ImageTextData(ds, sampler, steps, samples_per_epoch, epochs, workers, items_per_step, pin_memory)
+    streams = streams or default_streams(batch_size)
+    check_streams(streams, batch_size, world_size)
+    items_per_step = streams // world_size  # one item per stream per step
+    balanced = stream_workers(items_per_step, workers)
+    if balanced != workers:
+        warnings.warn(f"{workers} workers cannot share this rank's {items_per_step} data streams evenly: using "
+                      f"{balanced} (worker counts that can: {[d for d in _divisors(items_per_step) if d <= 64]})")
+    ds = TarImageText(shards, sizes, tokenizer, image_size, batch_size, steps, epochs, streams, rank, world_size,
+                      seed, buffer_size, shards_per_stream, context_length, augment)
+    return ImageTextData(ds, None, steps, samples_per_epoch, epochs, balanced, items_per_step, pin_memory, streams)

@@ -586,6 +586,13 @@ def setup_distributed(timeout_minutes=None):
     return Dist(rank, world, local, device)
 
 
+def available_workers():
+    """Default DataLoader workers: the cores this process may use (SLURM's and taskset's limits included), shared
+    among the ranks torchrun starts on this node, less one for the process itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -691,14 +698,16 @@ def add_renamed(p, old, new, dest, type=str):
     p.add_argument(old, dest=dest, type=type, action=_Renamed, new_flag=new, help=argparse.SUPPRESS)
 
 
-def add_run_args(p, data_help, workers=8, model="ViT-B-32", save_every_steps=0):
+def add_run_args(p, data_help, model="ViT-B-32", save_every_steps=0):
     """Flags about running, the same in every training script."""
     p.add_argument("--data", help=data_help + " (required)")  # checked by parse_training_args: old names count
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", type=preset_name, default=model,
                    help=f"architecture preset: {', '.join(MODEL_PRESETS)}")
     p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation draws")
-    p.add_argument("--workers", type=int, default=workers, help="DataLoader workers per process")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per process (default: the CPU cores this process may use, shared among "
+                        "the node's ranks, less one for the process itself)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="bf16 autocast (default on GPU; fp32 master weights either way) or fp32 (default on CPU)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
@@ -721,6 +730,8 @@ def parse_training_args(p, argv=None):
     args = p.parse_args(argv)
     if args.data is None:
         p.error("the following arguments are required: --data")
+    if args.workers is None:
+        args.workers = available_workers()
     return args
 
 

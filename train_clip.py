@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 import data
 from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_renamed, add_run_args, all_ranks_sum,
-                   autocast, check_finite, cleanup_distributed, clip_loss, cosine_lr, load_state_dict_checked,
-                   parse_training_args, preset_config, resume_training_state, resuming, save_checkpoint,
-                   setup_distributed, training_state)
+                   autocast, available_workers, check_finite, cleanup_distributed, clip_loss, cosine_lr,
+                   load_state_dict_checked, parse_training_args, preset_config, resume_training_state, resuming,
+                   save_checkpoint, setup_distributed, training_state)
 
 COUNTS = data.SKIPS + (data.REREAD,)  # the data loaders' counters that log.jsonl reports, summed over ranks
 
@@ -47,7 +47,7 @@ COUNTS = data.SKIPS + (data.REREAD,)  # the data loaders' counters that log.json
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_run_args(p, data_help="tar shards ('dir/{00000..01499}.tar', or patterns joined by '::') or a .csv/.tsv "
-                              "file with image paths and captions", workers=4, save_every_steps=100)
+                              "file with image paths and captions", save_every_steps=100)
     add_renamed(p, "--train-data", "--data", "data")
     # data
     p.add_argument("--train-num-samples", type=int, default=None,
@@ -57,11 +57,15 @@ def get_parser():
     p.add_argument("--csv-separator", default=None, help="default: tab for .tsv, comma otherwise")
     p.add_argument("--merges", default=None,
                    help="BPE merges file (bpe_simple_vocab_16e6.txt.gz, or one from data.learn_bpe)")
-    p.add_argument("--shuffle-buffer", type=int, default=data.SHUFFLE_BUFFER, help="tar samples per worker buffer")
-    p.add_argument("--shards-per-worker", type=int, default=data.SHARDS_PER_WORKER,
-                   help="tar shards each worker reads at once, interleaved, so that a batch mixes many shards")
-    p.add_argument("--micro-batch", type=int, default=data.MICRO_BATCH,
-                   help="samples per worker item; a rank batch joins items from all workers (bounds loader memory)")
+    p.add_argument("--data-streams", type=int, default=None,
+                   help="tar: canonical streams of the sample order (default gcd(--batch-size, 240)). The order "
+                        "depends on seed, epoch, data and this alone, not on ranks or workers; the ranks must divide "
+                        "it. Give runs you compare the same value")
+    p.add_argument("--shuffle-buffer", type=int, default=data.SHUFFLE_BUFFER,
+                   help="tar: sample references per stream shuffle buffer")
+    p.add_argument("--shards-per-stream", type=int, default=data.SHARDS_PER_STREAM,
+                   help="tar: shards each stream reads at once, interleaved, so that a batch mixes many shards")
+    p.add_argument("--micro-batch", type=int, default=data.MICRO_BATCH, help="CSV: rows per worker item")
     # model
     p.add_argument("--init", default=None,
                    help="stage-1 checkpoint: loads exactly its visual.* tensors; the text tower stays random")
@@ -206,7 +210,7 @@ def build_model(args, vocab_size, device):
 class Progress:
     """What a run carries from step to step, and through state.pt across a restart."""
     step: int = 0
-    positions: dict = field(default_factory=dict)  # tar worker -> samples of its stream consumed this epoch
+    positions: dict = field(default_factory=dict)  # tar: this rank's streams -> entries consumed this epoch
     skipped: Counter = field(default_factory=Counter)  # this rank's counters of COUNTS
     last_good: str = None  # the newest state.pt, named when a non-finite loss stops the run
 
@@ -220,12 +224,14 @@ def start_or_resume(args, model, optimizer, state_path, loader, dist_env):
     progress = Progress(state["step"], skipped=skipped,
                         last_good=state_path)
     saved = state.get("data", {})
-    if (saved.get("world_size"), saved.get("workers")) == (dist_env.world_size, args.workers):
-        progress.positions = saved["positions"][dist_env.rank]
+    if loader.kind == "tar" and saved.get("streams") == loader.streams:
+        # every stream's position, whatever ranks x workers wrote them: this rank continues its own streams
+        mine = loader.dataset.rank_streams
+        progress.positions = {s: pos for s, pos in saved["positions"].items() if s in mine}
     elif loader.kind == "tar" and progress.step % loader.steps_per_epoch:
-        print(f"resuming with {dist_env.world_size} ranks x {args.workers} workers instead of "
-              f"{saved.get('world_size')} x "
-              f"{saved.get('workers')}: the rest of this epoch is read from the start of the shards")
+        print(f"state.pt holds no positions of {loader.streams} data streams (written with "
+              f"{saved.get('streams')} or by an older version): the rest of this epoch is read from the start of "
+              f"the shards")
     return progress
 
 
@@ -236,20 +242,21 @@ def save_state(state_path, model, optimizer, progress, args, dist_env):
     if dist.is_initialized():
         per_rank = [None] * dist_env.world_size
         dist.all_gather_object(per_rank, mine)
+    positions = {}  # the streams are global: one dict, whoever read them
+    for p, _ in per_rank:
+        positions.update(p)
     state = training_state(model, optimizer, progress.step, skipped=[s for _, s in per_rank], args=vars(args),
                            config=dataclasses.asdict(model.config),
-                           data=dict(world_size=dist_env.world_size, workers=args.workers,
-                                     positions=[p for p, _ in per_rank]))
+                           data=dict(streams=args.data_streams, positions=positions))
     if dist_env.is_main:
         save_checkpoint(state, state_path)
     progress.last_good = state_path
 
 
 def optimizer_step(model, raw, optimizer, batch, amp, args, progress, dist_env):
-    """One step of eq. 3 on the global batch. The uint8 images stay on the host: train_step moves and augments them
-    chunk by chunk. Returns the full-batch loss (the mean over ranks)."""
-    tokens = batch["tokens"].to(dist_env.device, non_blocking=True)
-    loss = train_step(model, batch["images"], tokens, args.accum_steps, amp, params=batch["params"])
+    """One step of eq. 3 on the global batch (this rank's share of it on the device; train_step augments the uint8
+    images chunk by chunk). Returns the full-batch loss (the mean over ranks)."""
+    loss = train_step(model, batch["images"], batch["tokens"], args.accum_steps, amp, params=batch["params"])
     # checking the all-rank loss on every rank stops all of them together, before the optimiser touches the
     # weights, so the last state.pt stays the last good state
     loss = all_ranks_sum([loss.item()], dist_env.device)[0] / dist_env.world_size
@@ -266,26 +273,44 @@ def optimizer_step(model, raw, optimizer, batch, amp, args, progress, dist_env):
 
 @dataclass
 class Meter:
-    """Wall time since the last log line, and how much of it the loop spent waiting for data."""
+    """Wall time since the last log line; how much of it the loop waited for the next batch and its copy to the
+    device (host_wait); the workers' CPU seconds for those batches (decode, to tell whether they keep up)."""
     since: float = field(default_factory=time.perf_counter)
-    wait: float = 0.0
+    host_wait: float = 0.0
+    decode: float = 0.0
+    warned: bool = False
 
     def read_and_reset(self):
         now = time.perf_counter()
-        seconds, wait = now - self.since, self.wait
-        self.since, self.wait = now, 0.0
-        return seconds, wait / max(seconds, 1e-9)
+        seconds, host_wait, decode = now - self.since, self.host_wait, self.decode
+        self.since, self.host_wait, self.decode = now, 0.0, 0.0
+        return seconds, host_wait / max(seconds, 1e-9), decode
+
+
+def warn_if_loader_falls_behind(meter, seconds, host_wait, decode, steps, args, dist_env):
+    """Once per run, when the loop waited for data more than 5% of the time: the numbers, and what to change."""
+    if meter.warned or host_wait <= 0.05:
+        return
+    meter.warned = True
+    per_worker = decode / steps / max(args.workers, 1)  # CPU seconds of decoding each worker does per step
+    rate = args.batch_size / dist_env.world_size * steps / max(decode, 1e-9)
+    print(f"warning: the step waits {host_wait:.0%} of the time for data. Each of the {args.workers} workers of a "
+          f"rank decodes its share of a batch in {per_worker:.2f} CPU-s ({rate:.0f} samples per CPU-second), "
+          f"and a step takes {seconds / steps:.2f} s of which {(1 - host_wait) * seconds / steps:.2f} s compute: give "
+          f"each rank more cores and --workers (this process may use {available_workers()})")
 
 
 def log_step(logger, bar, raw, progress, epoch, loss, lr, meter, args, dist_env):
     """One log.jsonl line: loss, learning rate, temperature, throughput, data wait, all-rank skip counts."""
     counts = dict(zip(COUNTS, map(int, all_ranks_sum([progress.skipped[k] for k in COUNTS], dist_env.device))))
-    seconds, data_wait = meter.read_and_reset()
+    seconds, host_wait, decode = meter.read_and_reset()
+    if progress.step > args.log_every:  # the first steps include the workers' start and compilation
+        warn_if_loader_falls_behind(meter, seconds, host_wait, decode, args.log_every, args, dist_env)
     record = dict(step=progress.step, epoch=epoch, samples=progress.step * args.batch_size, loss=loss, lr=lr,
                   logit_scale=raw.logit_scale.exp().item(), samples_per_s=args.log_every * args.batch_size / seconds,
-                  data_wait=data_wait, skipped={k: counts[k] for k in data.SKIPS}, reread=counts[data.REREAD])
+                  host_wait=host_wait, skipped={k: counts[k] for k in data.SKIPS}, reread=counts[data.REREAD])
     logger.log(**record)
-    bar.set_postfix(loss=f"{loss:.4f}", scale=f"{record['logit_scale']:.1f}", wait=f"{data_wait:.0%}",
+    bar.set_postfix(loss=f"{loss:.4f}", scale=f"{record['logit_scale']:.1f}", wait=f"{host_wait:.0%}",
                     skipped=sum(record["skipped"].values()))
 
 
@@ -330,12 +355,13 @@ def main(argv=None):
         raise ValueError(f"--batch-size {args.batch_size} must divide into {dist_env.world_size} ranks x "
                          f"{args.accum_steps} chunks")
     loader = data.image_text_loader(
-        args.data, tokenizer, raw.config.image_size, args.batch_size, rank=dist_env.rank,
-        world_size=dist_env.world_size, workers=args.workers, seed=args.seed,
-        samples_per_epoch=args.train_num_samples, buffer_size=args.shuffle_buffer, csv_img_key=args.csv_img_key,
+        args.data, tokenizer, raw.config.image_size, args.batch_size, epochs=args.epochs, rank=dist_env.rank,
+        world_size=dist_env.world_size, workers=args.workers, seed=args.seed, samples_per_epoch=args.train_num_samples,
+        streams=args.data_streams, buffer_size=args.shuffle_buffer, csv_img_key=args.csv_img_key,
         csv_caption_key=args.csv_caption_key, csv_sep=args.csv_separator, context_length=raw.config.context_length,
         pin_memory=dist_env.device.type == "cuda", augment=not args.no_augment, micro_batch=args.micro_batch,
-        shards_per_worker=args.shards_per_worker)
+        shards_per_stream=args.shards_per_stream)
+    args.data_streams, args.workers = loader.streams, loader.workers  # as used (recorded in state.pt)
     steps_per_epoch = loader.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
 
@@ -347,43 +373,46 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(raw.config), f, indent=1)
-        print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {dist_env.world_size} rank(s); "
-              f"{steps_per_epoch} steps/epoch of {args.batch_size} = {loader.samples_per_epoch:,} samples; "
-              f"{total_steps} steps")
+        print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {dist_env.world_size} rank(s) x "
+              f"{args.workers} workers; {steps_per_epoch} steps/epoch of {args.batch_size} = "
+              f"{loader.samples_per_epoch:,} samples; {total_steps} steps")
     logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=dist_env.is_main, resume=args.resume)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not dist_env.is_main, dynamic_ncols=True)
     meter = Meter()
+    batches = loader.batches(start_step=progress.step, positions=progress.positions)  # all epochs, joined ahead
     try:
         while progress.step < total_steps:
-            epoch = progress.step // steps_per_epoch
-            batches = iter(loader.epoch(epoch, progress.step % steps_per_epoch, progress.positions))
-            while progress.step < (epoch + 1) * steps_per_epoch:
-                if args.stop_after_steps is not None and progress.step >= args.stop_after_steps:
-                    save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args,
-                               dist_env=dist_env)
-                    return raw  # a planned, resumable stop
-                t0 = time.perf_counter()
-                batch = next(batches)
-                meter.wait += time.perf_counter() - t0
-                # learning rate
-                lr = cosine_lr(progress.step, total_steps, args.warmup_steps, args.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # step (eq. 3 over the global batch), stopping on a non-finite loss
-                loss = optimizer_step(model, raw, optimizer, batch, amp=amp, args=args, progress=progress,
-                                      dist_env=dist_env)
-                bar.update(1)
-                # log and save
-                if progress.step % args.log_every == 0:
-                    log_step(logger, bar, raw, progress, epoch=epoch, loss=loss, lr=lr, meter=meter, args=args,
-                             dist_env=dist_env)
-                if args.save_every_steps and progress.step % args.save_every_steps == 0 \
-                        and progress.step % steps_per_epoch:
-                    save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args,
-                               dist_env=dist_env)
-            end_of_epoch(epoch + 1, raw, optimizer, progress, logger=logger, tokenizer=tokenizer, zeroshot=zeroshot,
-                         state_path=state_path, args=args, dist_env=dist_env)
+            if args.stop_after_steps is not None and progress.step >= args.stop_after_steps:
+                save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args,
+                           dist_env=dist_env)
+                return raw  # a planned, resumable stop
+            # data: the next rank batch, already joined (and pinned) by the loader's thread, onto the device
+            t0 = time.perf_counter()
+            batch = data.batch_to_device(next(batches), dist_env.device)
+            meter.host_wait += time.perf_counter() - t0
+            meter.decode += batch["decode_s"]
+            # learning rate
+            lr = cosine_lr(progress.step, total_steps, args.warmup_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # step (eq. 3 over the global batch), stopping on a non-finite loss
+            loss = optimizer_step(model, raw, optimizer, batch, amp=amp, args=args, progress=progress,
+                                  dist_env=dist_env)
+            del batch
+            bar.update(1)
+            # log and save
+            epoch = (progress.step - 1) // steps_per_epoch + 1  # 1-based, as epoch_<n>.pt
+            if progress.step % args.log_every == 0:
+                log_step(logger, bar, raw, progress, epoch=epoch, loss=loss, lr=lr, meter=meter, args=args,
+                         dist_env=dist_env)
+            if progress.step % steps_per_epoch == 0:
+                end_of_epoch(epoch, raw, optimizer, progress, logger=logger, tokenizer=tokenizer, zeroshot=zeroshot,
+                             state_path=state_path, args=args, dist_env=dist_env)
+            elif args.save_every_steps and progress.step % args.save_every_steps == 0:
+                save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args,
+                           dist_env=dist_env)
     finally:
+        batches.close()
         bar.close()
         cleanup_distributed()
     return raw

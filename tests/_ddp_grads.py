@@ -19,7 +19,9 @@ model = CLIP(CLIPConfig.tiny(vocab_size=tokenizer.vocab_size))
 ddp = DDP(model) if d.world_size > 1 else model
 loader = data.image_text_loader(csv_path, tokenizer, 32, batch_size, rank=d.rank, world_size=d.world_size, workers=0,
                                 context_length=model.context_length)
-batch = next(iter(loader.epoch(0)))
+batches = loader.batches()
+batch = next(batches)
+batches.close()
 train_clip.train_step(ddp, batch["images"], batch["tokens"], accum_steps, torch.autocast("cpu", enabled=False),
                       params=batch["params"])
 if d.is_main:

@@ -134,11 +134,11 @@ def test_accum_steps_4_equals_full_batch(csv_run, tmp_path):
     assert_same_weights(weights(tmp_path / "a1", "epoch_1.pt"), weights(tmp_path / "a4", "epoch_1.pt"))
     log = [json.loads(line) for line in open(tmp_path / "a4" / "log.jsonl")]
     first = log[0]
-    assert {"step", "samples", "loss", "lr", "logit_scale", "samples_per_s", "data_wait", "skipped"} <= set(first)
+    assert {"step", "samples", "loss", "lr", "logit_scale", "samples_per_s", "host_wait", "skipped"} <= set(first)
     assert [r["samples"] for r in log if "loss" in r] == [8, 16]
 
 
-@pytest.mark.filterwarnings("ignore:.*unexpected end of data")
+@pytest.mark.filterwarnings("ignore:.*keeping the samples before it")
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     """Tar shards, 2 workers: an epoch is 4 steps; state.pt is written at step 2 (mid-epoch) and 4. The run is
     killed in step 4; --resume restarts from step 2, replays the data streams to where they were, and ends where an

@@ -1,7 +1,7 @@
 """The image-text data pipeline of data.py (tar shards, CSV): uint8 crops + per-sample photometric parameters,
-at most once per epoch across ranks x workers also with uneven shards, batches mixed from many shards, skipped and
-counted bad samples, bit-exact mid-epoch resume, rank-independent CSV order, and the fast decode path matching the
-plain one."""
+at most once per epoch across ranks x workers also with uneven shards, the same global batches on any ranks x
+workers (tar and CSV), batches mixed from many shards, skipped and counted bad samples, bit-exact and elastic
+mid-epoch resume, and the fast decode path matching the plain one."""
 import io
 import json
 import random
@@ -16,11 +16,21 @@ import _image_text_fixtures as fx
 import data
 
 
+def epoch_batches(loader, epoch, start_step=0, positions=None):
+    """The rank batches of one epoch (from start_step on) of a loader made for several epochs."""
+    spe = loader.steps_per_epoch
+    batches = loader.batches(start_step=epoch * spe + start_step, positions=positions)
+    try:
+        return [next(batches) for _ in range(spe - start_step)]
+    finally:
+        batches.close()
+
+
 def run_epoch(loaders, epoch):
     """Batches of every rank for one epoch -> (global caption-id order, summed skip counts, steps per rank)."""
     per_rank, bad = [], Counter()
     for loader in loaders:
-        batches = list(loader.epoch(epoch))
+        batches = epoch_batches(loader, epoch)
         per_rank.append(batches)
         for b in batches:
             bad.update(b["bad"])
@@ -29,11 +39,10 @@ def run_epoch(loaders, epoch):
     return order, bad, steps
 
 
-def tar_loaders(pattern, tok, world, workers, buffer_size, samples, batch, micro_batch=data.MICRO_BATCH,
-                image_size=32):
-    return [data.image_text_loader(pattern, tok, image_size, batch, rank=r, world_size=world, workers=workers, seed=3,
-                                   samples_per_epoch=samples, buffer_size=buffer_size, micro_batch=micro_batch)
-            for r in range(world)]
+def tar_loaders(pattern, tok, world, workers, buffer_size, samples, batch, streams=None, image_size=32, epochs=3):
+    return [data.image_text_loader(pattern, tok, image_size, batch, epochs=epochs, rank=r, world_size=world,
+                                   workers=workers, seed=3, samples_per_epoch=samples, streams=streams,
+                                   buffer_size=buffer_size) for r in range(world)]
 
 
 def assert_same_batches(a, b):
@@ -42,15 +51,16 @@ def assert_same_batches(a, b):
         assert torch.equal(x["tokens"], y["tokens"])
 
 
-@pytest.mark.filterwarnings("ignore:.*unexpected end of data")
+@pytest.mark.filterwarnings("ignore:.*keeping the samples before it")
 def test_tar_shards_each_good_sample_once_bad_ones_counted_2_ranks_x_2_workers(tmp_path):
     pattern, good = fx.broken_shards(tmp_path / "shards")
     _, tok = fx.learned_tokenizer(tmp_path)
-    # the shards hold 15 samples by their headers (12 good, 3 bad): 2 steps x global batch 6 = 12 are planned. Each
-    # unit's share is read interleaved and shuffled, so which units meet the bad samples varies; a unit that meets
-    # one re-reads one of its own samples ("reread") to fill its micro-batch
-    loaders = tar_loaders(pattern, tok, world=2, workers=2, buffer_size=1, samples=None, batch=6, micro_batch=2)
-    assert loaders[0].samples_per_epoch == 15 and loaders[0].steps_per_epoch == 2
+    # the shards hold 14 samples by their headers (12 good, 2 bad; the cut one is not counted): 2 steps x global
+    # batch 6 = 12 are planned. Each
+    # stream's share is read interleaved and shuffled, so which streams meet the bad samples varies; a stream that
+    # meets one re-reads one of its own samples ("reread") to fill its part of the batch
+    loaders = tar_loaders(pattern, tok, world=2, workers=1, buffer_size=1, samples=None, batch=6, streams=2)
+    assert loaders[0].samples_per_epoch == 14 and loaders[0].steps_per_epoch == 2
     orders = []
     for epoch in range(3):
         order, bad, steps = run_epoch(loaders, epoch)
@@ -70,7 +80,7 @@ def test_batch_is_uint8_crops_with_photometric_params_equal_to_the_plain_pipelin
     pattern = fx.plain_shards(tmp_path / "shards", n_shards=2, per_shard=4)
     _, tok = fx.learned_tokenizer(tmp_path)
     [loader] = tar_loaders(pattern, tok, world=1, workers=0, buffer_size=2, samples=8, batch=4)
-    batch = next(iter(loader.epoch(0)))
+    batch = epoch_batches(loader, 0)[0]
     assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (4, 3, 32, 32)
     assert batch["params"].shape == (4, data.PHOTOMETRIC_PARAMS)
     ours = data.device_transform(batch["images"], batch["params"])
@@ -83,7 +93,7 @@ def test_batch_is_uint8_crops_with_photometric_params_equal_to_the_plain_pipelin
         # torchvision rounds to uint8 after each photometric op, we stay in float: a few uint8 steps
         assert (image - ref).abs().max() < 4 / 255 / min(data.CLIP_STD)
     plain = data.image_text_loader(pattern, tok, 32, 4, workers=0, seed=3, augment=False)
-    b = next(iter(plain.epoch(0)))
+    b = epoch_batches(plain, 0)[0]
     assert b["params"] is None and b["images"].dtype == torch.uint8
 
 
@@ -99,7 +109,7 @@ def test_uneven_shards_each_sample_at_most_once_2_ranks_x_2_workers(tmp_path):
         start += size
     pattern = str(tmp_path / "shards" / "{0..6}" / "00000.tar")
     _, tok = fx.learned_tokenizer(tmp_path)
-    loaders = tar_loaders(pattern, tok, world=2, workers=2, buffer_size=3, samples=None, batch=8, micro_batch=2)
+    loaders = tar_loaders(pattern, tok, world=2, workers=2, buffer_size=3, samples=None, batch=8, streams=4)
     assert loaders[0].samples_per_epoch == 70 and loaders[0].steps_per_epoch == 8
     for epoch in range(2):
         order, bad, steps = run_epoch(loaders, epoch)
@@ -107,7 +117,7 @@ def test_uneven_shards_each_sample_at_most_once_2_ranks_x_2_workers(tmp_path):
         assert len(order) == len(set(order)) == 64 and set(order) <= set(range(70))  # 6 < 8 left out
 
 
-@pytest.mark.filterwarnings("ignore:.*unexpected end of data")
+@pytest.mark.filterwarnings("ignore:.*keeping the samples before it")
 def test_stats_that_overcount_still_give_every_rank_the_same_steps(tmp_path):
     """A shard holding fewer usable samples than its _stats.json says (corrupt images, a truncated end): the units
     reading it re-read some of their own samples, counted, and every rank still takes the planned steps."""
@@ -115,7 +125,7 @@ def test_stats_that_overcount_still_give_every_rank_the_same_steps(tmp_path):
     for n in range(4):
         (tmp_path / "shards" / f"{n:05d}_stats.json").write_text(json.dumps({"successes": 6}))  # 24 claimed
     _, tok = fx.learned_tokenizer(tmp_path)
-    loaders = tar_loaders(pattern, tok, world=2, workers=2, buffer_size=2, samples=None, batch=8, micro_batch=2)
+    loaders = tar_loaders(pattern, tok, world=2, workers=2, buffer_size=2, samples=None, batch=8, streams=4)
     assert loaders[0].steps_per_epoch == 3
     order, bad, steps = run_epoch(loaders, 0)
     assert steps == [3, 3] and len(order) == 24 and set(order) <= good
@@ -124,30 +134,31 @@ def test_stats_that_overcount_still_give_every_rank_the_same_steps(tmp_path):
 
 def test_a_batch_mixes_many_shards(tmp_path):
     """16 shards of 1,250 samples whose captions name their shard, 2 workers, batch 1,024: each batch spans at
-    least 8 shards (one worker stream through a shuffle buffer spanned about one shard)."""
+    least 8 shards."""
     pattern = fx.plain_shards(tmp_path / "shards", n_shards=16, per_shard=1250, image_size=(8, 8), stats=True)
     _, tok = fx.learned_tokenizer(tmp_path)
     [loader] = tar_loaders(pattern, tok, world=1, workers=2, buffer_size=data.SHUFFLE_BUFFER, samples=None,
-                           batch=1024, image_size=8)
+                           batch=1024, image_size=8, epochs=1)
     assert loader.steps_per_epoch == 19
-    batches = loader.epoch(0)
+    batches = loader.batches()
     for _ in range(3):
         spread = len({i // 1250 for i in fx.ids_of(next(batches), tok)})
         assert spread >= 8, spread
+    batches.close()
 
 
 def test_tar_mid_epoch_resume_is_bit_exact(tmp_path):
-    """Resuming at a step with the reported worker positions gives exactly the remaining batches (images, params,
+    """Resuming at a step with the reported stream positions gives exactly the remaining batches (images, params,
     tokens) of the uninterrupted epoch, and does not count the replayed samples' skips again."""
     pattern = fx.plain_shards(tmp_path / "shards", n_shards=3, per_shard=7)
     _, tok = fx.learned_tokenizer(tmp_path)
-    [loader] = tar_loaders(pattern, tok, world=1, workers=2, buffer_size=3, samples=None, batch=6, micro_batch=2)
-    full = list(loader.epoch(1))
+    [loader] = tar_loaders(pattern, tok, world=1, workers=2, buffer_size=3, samples=None, batch=6, streams=6)
+    full = epoch_batches(loader, 1)
     assert len(full) == 3
     positions = {}
     for b in full[:1]:
         positions.update(b["positions"])
-    assert_same_batches(full[1:], loader.epoch(1, start_step=1, positions=positions))
+    assert_same_batches(full[1:], epoch_batches(loader, 1, start_step=1, positions=positions))
 
 
 def test_tar_unknown_size_and_missing_shards_are_clear_errors(tmp_path):
@@ -158,7 +169,7 @@ def test_tar_unknown_size_and_missing_shards_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         data.image_text_loader(str(tmp_path / "nope/{0..3}.tar"), tok, 32, 2, samples_per_epoch=4)
     # one shard may feed several workers: they read disjoint parts of it
-    [loader] = tar_loaders(pattern, tok, world=1, workers=2, buffer_size=1, samples=4, batch=2, micro_batch=1)
+    [loader] = tar_loaders(pattern, tok, world=1, workers=2, buffer_size=1, samples=4, batch=2)
     assert sorted(run_epoch([loader], 0)[0]) == [0, 1, 2, 3]
 
 
@@ -187,7 +198,7 @@ def test_webdataset_tarwriter_shards_read_with_nothing_skipped(tmp_path):
                             "json": {"key": i}})
     _, tok = fx.learned_tokenizer(tmp_path)
     loaders = tar_loaders(str(tmp_path / "shards" / "{00000..00002}.tar"), tok, world=1, workers=2, buffer_size=4,
-                          samples=None, batch=4, micro_batch=2)
+                          samples=None, batch=4)
     order, bad, steps = run_epoch(loaders, 0)
     assert sorted(order) == list(range(12)) and not bad and steps == [3]
 
@@ -199,7 +210,7 @@ def test_csv_each_good_sample_once_and_global_order_independent_of_ranks(tmp_pat
     _, tok = fx.learned_tokenizer(tmp_path)
     # 9 rows with a caption (8 good + 1 corrupt image): 2 steps of 4 use 8 of them, 1 is the epoch's spare
     def loaders(world, workers, micro=data.MICRO_BATCH):
-        return [data.image_text_loader(path, tok, 32, 4, rank=r, world_size=world, workers=workers,
+        return [data.image_text_loader(path, tok, 32, 4, epochs=3, rank=r, world_size=world, workers=workers,
                                        seed=1, micro_batch=micro) for r in range(world)]
     two, one = loaders(2, 2, micro=1), loaders(1, 0)
     assert two[0].dataset.no_caption == 1 and two[0].steps_per_epoch == 2
@@ -210,9 +221,9 @@ def test_csv_each_good_sample_once_and_global_order_independent_of_ranks(tmp_pat
         assert sorted(order) == list(range(8))  # the corrupt image was replaced by the spare row
         n_undecodable += bad.get("undecodable", 0)
         # one process sees the same global batches, images included (augmentation seeded by position)
-        single = list(one[0].epoch(epoch))
+        single = epoch_batches(one[0], epoch)
         for k, b in enumerate(single):
-            halves = [list(loader.epoch(epoch))[k] for loader in two]
+            halves = [epoch_batches(loader, epoch)[k] for loader in two]
             assert torch.equal(b["tokens"], torch.cat([h["tokens"] for h in halves]))
             for key in ("images", "params"):
                 assert torch.equal(b[key], torch.cat([h[key] for h in halves]))
@@ -227,16 +238,15 @@ def test_csv_missing_column_is_a_clear_error(tmp_path):
 
 
 def test_global_batch_sampler_slices_are_contiguous_and_resume_at_a_step():
-    s1 = data.GlobalBatchSampler(10, 4, 2, seed=5)
-    s2 = [data.GlobalBatchSampler(10, 4, 2, rank=r, world_size=2, seed=5) for r in range(2)]
+    s1 = data.GlobalBatchSampler(10, 4, 2, epochs=2, seed=5)
+    s2 = [data.GlobalBatchSampler(10, 4, 2, epochs=2, rank=r, world_size=2, seed=5) for r in range(2)]
     full = list(s1)
-    assert [a + b for a, b in zip(*map(list, s2))] == full
-    micro = data.GlobalBatchSampler(10, 4, 2, seed=5, items_per_step=3)  # micro-batches of 2, 1, 1
-    assert [len(m) for m in micro] == [2, 1, 1] * 2 and sum(micro, []) == sum(full, [])
-    s1.set_epoch(0, start_step=1)
+    assert len(full) == 4 and [a + b for a, b in zip(*map(list, s2))] == full
+    micro = data.GlobalBatchSampler(10, 4, 2, epochs=2, seed=5, items_per_step=3)  # micro-batches of 2, 1, 1
+    assert [len(m) for m in micro] == [2, 1, 1] * 4 and sum(micro, []) == sum(full, [])
+    s1.start(1)
     assert list(s1) == full[1:]
-    s1.set_epoch(1)
-    assert list(s1) != full
+    assert [r for r, _, _ in full[2]] != [r for r, _, _ in full[0]]  # epoch 1 is another order
 
 
 def test_expand_shards():
@@ -305,3 +315,74 @@ def test_image_decoder_eval_transform_and_undecodable():
             out = decoder(buf.getvalue())
             assert type(out) is type(ref) and out.dtype == ref.dtype and torch.equal(out, ref), (w, h, mode, fmt)
     assert decoder.unchanged_side == 64 and data.ImageDecoder(data.train_crop_transform(64)).unchanged_side is None
+
+
+# ---- the sample order does not depend on the hardware (canonical streams)
+
+
+def uneven_shards(root, sizes=(17, 33, 8, 41, 12, 3, 26)):
+    """Shards of unequal sizes (img2dataset's success rate differs per shard), half with a _stats.json."""
+    start = 0
+    for n, size in enumerate(sizes):
+        fx.plain_shards(root / str(n), n_shards=1, per_shard=size, start=start, stats=n % 2 == 1)
+        start += size
+    return str(root / ("{0..%d}" % (len(sizes) - 1)) / "00000.tar")
+
+
+def global_batches(pattern, tok, world, workers, start_step=0, positions=None, streams=12, epochs=2, seed=3):
+    """Every global batch of the run from start_step on: the ranks' batches joined in rank order."""
+    loaders = [data.image_text_loader(pattern, tok, 32, 24, epochs=epochs, rank=r, world_size=world,
+                                      workers=workers, seed=seed, streams=streams, buffer_size=5)
+               for r in range(world)]
+    per_rank = []
+    for loader in loaders:
+        batches = loader.batches(start_step=start_step, positions=positions)
+        per_rank.append(list(batches))
+    out = []
+    for step in zip(*per_rank):
+        out.append({k: torch.cat([b[k] for b in step]) for k in ("images", "params", "tokens")})
+        out[-1]["positions"] = {s: p for b in step for s, p in b["positions"].items()}
+    return out
+
+
+def test_global_batches_are_the_same_on_any_ranks_x_workers(tmp_path):
+    """On uneven shards, each global batch (its samples, in order, and their augmentation draws) is the same for
+    1 rank x 1 worker, 1 x 3, 2 x 2 and 3 x 1, in every epoch, with each sample at most once per epoch."""
+    pattern = uneven_shards(tmp_path / "shards")
+    _, tok = fx.learned_tokenizer(tmp_path)
+    reference = global_batches(pattern, tok, world=1, workers=1)
+    assert len(reference) == 2 * 5  # 140 samples: 5 steps of 24 per epoch
+    for epoch in range(2):
+        ids = [i for b in reference[epoch * 5:(epoch + 1) * 5] for i in fx.ids_of(b, tok)]
+        assert len(ids) == len(set(ids)) == 120
+    for world, workers in ((1, 3), (2, 2), (3, 1)):
+        assert_same_batches(reference, global_batches(pattern, tok, world=world, workers=workers))
+    other_seed = global_batches(pattern, tok, world=1, workers=1, seed=4)
+    assert fx.ids_of(other_seed[0], tok) != fx.ids_of(reference[0], tok)  # the comparison can fail
+
+
+def test_a_run_stopped_on_2_ranks_resumes_on_1_with_the_same_batches(tmp_path):
+    """Elastic resume: the stream positions written by 2 ranks x 2 workers after step 2 continue on 1 rank x 3
+    workers (and 3 x 1) with exactly the batches the unbroken run had, to the end of the run."""
+    pattern = uneven_shards(tmp_path / "shards")
+    _, tok = fx.learned_tokenizer(tmp_path)
+    two = global_batches(pattern, tok, world=2, workers=2)
+    positions = {}
+    for b in two[:2]:
+        positions.update(b["positions"])
+    assert sorted(positions) == list(range(12))
+    assert_same_batches(two[2:], global_batches(pattern, tok, world=1, workers=3, start_step=2, positions=positions))
+    assert_same_batches(two[2:], global_batches(pattern, tok, world=3, workers=1, start_step=2, positions=positions))
+
+
+def test_streams_that_do_not_share_out_are_a_clear_error(tmp_path):
+    pattern = uneven_shards(tmp_path / "shards")
+    _, tok = fx.learned_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match=r"5 ranks cannot share 12 data streams evenly: run on 4 or 6 ranks, or pass "
+                                         r"--data-streams 10"):
+        data.image_text_loader(pattern, tok, 32, 120, world_size=5, rank=0, streams=12, samples_per_epoch=120)
+    with pytest.raises(ValueError, match="must divide the global batch 24"):
+        data.image_text_loader(pattern, tok, 32, 24, streams=7)
+    with pytest.warns(UserWarning, match="4 workers cannot share this rank's 6 data streams evenly: using 3"):
+        loader = data.image_text_loader(pattern, tok, 32, 24, world_size=2, workers=4, streams=12)
+    assert loader.workers == 3
