@@ -4,6 +4,7 @@
   python benchmark.py loss      # clip_loss vs the textbook two-matrix InfoNCE: peak memory and time at batch 4,096
   python benchmark.py data      # image-text pipeline: samples/s per CPU core, ours vs plain PIL + torchvision
   python benchmark.py loader    # stage-2 loader alone at 5,120 per rank: peak host memory (processes + /dev/shm)
+  python benchmark.py stall     # the loader feeding a simulated step (a sleep): the fraction of time it waits for data
   python benchmark.py mixing    # shards per rank batch at the paper's scale (a simulation of the sample order)
   python benchmark.py memory    # activation memory per sample, with and without gradient checkpointing (CPU)
   python benchmark.py gpu       # CUDA only: samples/s/GPU, peak memory and MFU of a ViT-B/32 training step
@@ -204,7 +205,9 @@ def bench_data(args):
         data.learn_bpe([f"a photo number {i} of a red dog on the grass" for i in range(100)], merges, 50)
         tok = data.Tokenizer(merges)
         n, batch = args.data_samples, 32
-        ours = data.TarImageText(pattern, tok, args.image_size, batch, n // batch, buffer_size=256, micro_batch=batch)
+        shards = data.expand_shards(pattern)
+        ours = data.TarImageText(shards, data.shard_sizes(shards), tok, args.image_size, batch, n // batch, epochs=1,
+                                 streams=1, buffer_size=256)
         transform = data.train_transform(args.image_size)
         plain = lambda: _plain_pipeline(data.expand_shards(pattern), tok, transform, batch)  # noqa: E731
         rates = {"ours": [], "plain": []}
@@ -264,7 +267,8 @@ def bench_loader(args):
         tok = data.Tokenizer(merges)
         st = os.statvfs("/dev/shm")
         shm_base = (st.f_blocks - st.f_bfree) * st.f_frsize
-        loader = data.image_text_loader(pattern, tok, args.image_size, args.batch_size, workers=args.workers)
+        loader = data.image_text_loader(pattern, tok, args.image_size, args.batch_size, workers=args.workers,
+                                        streams=args.streams)
         peak, done = [_tree_memory_gb(os.getpid(), shm_base)], threading.Event()
 
         def sample():
@@ -273,49 +277,100 @@ def bench_loader(args):
 
         watcher = threading.Thread(target=sample, daemon=True)
         watcher.start()
-        t0, batches = time.perf_counter(), loader.epoch(0)
+        t0, batches = time.perf_counter(), loader.batches()
         for k in range(args.batches):
             b = next(batches)
             print(f"batch {k}: {tuple(b['images'].shape)} {b['images'].dtype} after {time.perf_counter() - t0:.0f} s, "
                   f"{peak[-1]:.2f} GB so far", flush=True)
             del b
-        del batches
+        batches.close()
         done.set()
         watcher.join()
     print(f"\n{args.batches} batches of {args.batch_size:,} at {args.image_size} px from {n_shards} shards of "
-          f"{per_shard} JPEGs (short side {args.side} px, mean {kb:.0f} KB), {args.workers} workers, micro-batches of "
-          f"{data.MICRO_BATCH}, shuffle buffer {data.SHUFFLE_BUFFER}; at start {peak[0]:.2f} GB")
+          f"{per_shard} JPEGs (short side {args.side} px, mean {kb:.0f} KB), {loader.workers} workers, "
+          f"{loader.streams} streams of {args.batch_size // loader.streams} samples a step, shuffle buffer "
+          f"{data.SHUFFLE_BUFFER}; at start {peak[0]:.2f} GB")
     print(f"peak host memory {max(peak):.1f} GB")
+
+# --------------------------------------------------------------------------------------------- loader stall
+
+
+def _consume(loader, steps, step_seconds=0.0):
+    """Take steps + 1 batches, sleeping step_seconds after each (the training step): (seconds until the first batch,
+    seconds waited for the other `steps`, the workers' CPU seconds for those)."""
+    batches = loader.batches()
+    t0 = time.perf_counter()
+    next(batches)  # the workers' start and the queue's first fill
+    first, waited, decoded = time.perf_counter() - t0, 0.0, 0.0
+    for _ in range(steps):
+        time.sleep(step_seconds)
+        t0 = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - t0
+        decoded += batch["decode_s"]
+        del batch
+    batches.close()
+    return first, waited, decoded
+
+
+def bench_stall(args):
+    """The real loader on real tar shards, consumed by a simulated training step (a sleep) --step-factor times
+    longer than the loader needs to make one rank batch: the fraction of the time the step waits for data. The
+    loader's own pace is measured first, consuming without a step, on the same machine under the same load; the
+    first batch of each run (the workers' start and the queue's first fill) is not counted."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as root:
+        n_shards = max(2 * args.workers, 8)
+        per_shard = math.ceil(args.batch_size * (args.steps + 2) / n_shards)
+        pattern, kb = write_benchmark_shards(root, n_shards, per_shard, args.side)
+        merges = os.path.join(root, "merges.txt.gz")
+        data.learn_bpe([f"a photo number {i} of a red dog on the grass" for i in range(100)], merges, 50)
+        tok = data.Tokenizer(merges)
+        loader = data.image_text_loader(pattern, tok, args.image_size, args.batch_size, workers=args.workers,
+                                        streams=args.streams)
+        _, pace, decoded = _consume(loader, args.steps)
+        pace /= args.steps  # seconds the loader needs per batch, nothing else running in this process
+        step = args.step_factor * pace
+        first, waited, _ = _consume(loader, args.steps, step)
+    total = waited + args.steps * step
+    print(f"rank batch {args.batch_size:,} at {args.image_size} px from {n_shards} shards of {per_shard} JPEGs "
+          f"(short side {args.side} px, mean {kb:.0f} KB), {loader.workers} workers, {loader.streams} streams; "
+          f"decode {args.batch_size * args.steps / decoded:.0f} samples per worker CPU-second")
+    print(f"the loader alone: {pace:.2f} s per batch; simulated step {step:.2f} s ({args.step_factor}x); first "
+          f"batch after {first:.1f} s (not counted)")
+    _table(["steps", "step time", "waited for data", "data wait"],
+           [(args.steps, f"{step:.2f} s", f"{waited:.2f} s", f"{waited / total:.1%}")])
+    print(f"\ndata wait {100 * waited / total:.1f}%")
+
 
 # --------------------------------------------------------------------------------------------- batch mixing
 
 
 def bench_mixing(args):
-    """How many shards one rank batch spans under the defaults, by running the loader's own plan (epoch_pieces,
-    unit_stream) on sample ids instead of images: rank 0's first `--batches` batches of epoch 0."""
+    """How many shards one rank batch spans under the defaults, by running the loader's own order (stream_pieces,
+    stream_samples) on sample ids instead of images: rank 0's first `--batches` batches of epoch 0."""
     sizes = [args.shard_size] * args.shards
-    per_rank = args.global_batch // args.ranks
-    items = math.ceil(per_rank / args.micro_batch)
-    steps = sum(sizes) // args.global_batch
-    plan = data.epoch_pieces(sizes, steps, per_rank, items, args.ranks, args.workers, seed=0, epoch=0)
+    streams = args.streams or data.default_streams(args.global_batch)
+    data.check_streams(streams, args.global_batch, args.ranks)
+    per_step, steps = args.global_batch // streams, sum(sizes) // args.global_batch
+    plan = data.stream_pieces(sizes, streams, steps * per_step, seed=0, epoch=0)
 
     def read(piece):
         return ((piece[0], i) for i in range(piece[1], piece[2]))
 
-    streams = [data.unit_stream(plan[w], read, 0, 0, w, args.shards_per_worker, args.buffer) for w in
-               range(args.workers)]  # rank 0's units
-    item_sizes = data.item_sizes(per_rank, items)
+    mine = range(streams // args.ranks)  # rank 0's streams
+    samples = [data.stream_samples(plan[s], read, 0, 0, s, args.shards_per_stream, args.buffer) for s in mine]
     rows = []
     for k in range(args.batches):
-        shards = set()
-        for j in range(k * items, (k + 1) * items):
-            shards |= {next(streams[j % args.workers])[1][0] for _ in range(item_sizes[j % items])}
+        shards = {next(samples[s])[1][0] for s in mine for _ in range(per_step)}
         rows.append((k, f"{len(shards):,}"))
-    print(f"{args.shards:,} shards x {args.shard_size:,} samples, {args.ranks} ranks x {args.workers} workers, global "
-          f"batch {args.global_batch:,} ({per_rank:,} per rank, {items} micro-batches of <= {args.micro_batch}), "
-          f"{args.shards_per_worker} shards open per worker, shuffle buffer {args.buffer:,}")
+    print(f"{args.shards:,} shards x {args.shard_size:,} samples, {args.ranks} ranks, global batch "
+          f"{args.global_batch:,} ({args.global_batch // args.ranks:,} per rank) from {streams} streams of {per_step} "
+          f"samples a step ({len(mine)} per rank), {args.shards_per_stream} shards open per stream, shuffle buffer "
+          f"{args.buffer:,}; the order is the same for any number of workers")
     _table(["rank-0 batch", "distinct shards in it"], rows)
     print(f"\nshards per rank batch (min over {args.batches}): {min(int(r[1].replace(',', '')) for r in rows)}")
+
 
 # --------------------------------------------------------------------------------------------- activation memory
 
@@ -448,17 +503,26 @@ def main(argv=None):
     lo2 = sub.add_parser("loader", help="stage-2 loader alone: peak host memory at the per-rank batch")
     lo2.add_argument("--batch-size", type=int, default=5120, help="per-rank batch")
     lo2.add_argument("--workers", type=int, default=4)
+    lo2.add_argument("--streams", type=int, default=None, help="--data-streams (default: gcd(batch, 240))")
     lo2.add_argument("--batches", type=int, default=3)
     lo2.add_argument("--side", type=int, default=512, help="short side of the JPEGs in the shards")
     lo2.add_argument("--image-size", type=int, default=224)
+    st = sub.add_parser("stall", help="the loader feeding a simulated step: the fraction of time spent waiting")
+    st.add_argument("--batch-size", type=int, default=5120, help="per-rank batch")
+    st.add_argument("--workers", type=int, default=2)
+    st.add_argument("--streams", type=int, default=None, help="--data-streams (default: gcd(batch, 240))")
+    st.add_argument("--steps", type=int, default=5, help="simulated steps measured (after the first batch)")
+    st.add_argument("--step-factor", type=float, default=1.3,
+                    help="the simulated step's length over the loader's own time per batch")
+    st.add_argument("--side", type=int, default=256, help="short side of the JPEGs in the shards")
+    st.add_argument("--image-size", type=int, default=224)
     mx = sub.add_parser("mixing", help="shards per rank batch at the paper's scale (simulated sample order)")
     mx.add_argument("--shards", type=int, default=1500)
     mx.add_argument("--shard-size", type=int, default=10000)
     mx.add_argument("--ranks", type=int, default=6)
-    mx.add_argument("--workers", type=int, default=4, help="train_clip.py's default --workers")
     mx.add_argument("--global-batch", type=int, default=30720)
-    mx.add_argument("--micro-batch", type=int, default=data.MICRO_BATCH)
-    mx.add_argument("--shards-per-worker", type=int, default=data.SHARDS_PER_WORKER)
+    mx.add_argument("--streams", type=int, default=None, help="--data-streams (default: the loader's)")
+    mx.add_argument("--shards-per-stream", type=int, default=data.SHARDS_PER_STREAM)
     mx.add_argument("--buffer", type=int, default=data.SHUFFLE_BUFFER)
     mx.add_argument("--batches", type=int, default=5)
     m = sub.add_parser("memory", help="activation memory per sample on CPU and the per-GPU batch it allows")
@@ -474,8 +538,8 @@ def main(argv=None):
     g.add_argument("--compile", action="store_true")
     g.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: from the GPU name)")
     args = p.parse_args(argv)
-    {"model": bench_model, "loss": bench_loss, "data": bench_data, "loader": bench_loader, "mixing": bench_mixing,
-     "memory": bench_memory, "gpu": bench_gpu}[args.what](args)
+    {"model": bench_model, "loss": bench_loss, "data": bench_data, "loader": bench_loader, "stall": bench_stall,
+     "mixing": bench_mixing, "memory": bench_memory, "gpu": bench_gpu}[args.what](args)
 
 
 

@@ -21,16 +21,15 @@ import itertools
 import json
 import math
 import os
-import queue
 import random
 import re
 import signal
 import tarfile
-import threading
 import time
 import unicodedata
 import warnings
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -936,11 +935,7 @@ def _stats_size(path):
 def shard_sizes(shards):
     """Samples per shard: img2dataset's {shard}_stats.json "successes", or, without one, the shard's samples counted
     from its tar headers (no image data read)."""
-    sizes = []
-    for path in shards:
-        n = _stats_size(path)
-        sizes.append(n if n is not None else count_tar_samples(path))
-    return sizes
+    return [n if (n := _stats_size(path)) is not None else count_tar_samples(path) for path in shards]
 
 
 # ---- the sample order of tar shards: canonical streams
@@ -1116,9 +1111,10 @@ class TarImageText(IterableDataset):
     def _take(self, stream, s, step, epoch, shared):
         """The next per_stream usable samples of one stream, as an item. In a worker the image tensor is made in
         shared memory, so that handing it to the main process copies nothing."""
-        t0, n = time.process_time(), self.per_stream
+        t0, n = time.thread_time(), self.per_stream
         images = torch.empty((n, 3, self.image_size, self.image_size), dtype=torch.uint8)
-        images = images.share_memory_() if shared else images
+        if shared:
+            images.share_memory_()
         params, captions = [], []
         while len(captions) < n:
             p, (shard, index, sample) = next(stream[0])
@@ -1131,7 +1127,7 @@ class TarImageText(IterableDataset):
                 self.bad[REREAD] += p > 0
         item = dict(images=images, params=torch.stack(params) if self.augment else None,
                     tokens=self.tokenizer(captions, context_length=self.context_length), bad=dict(+self.bad),
-                    stream=s, step=step, pos=stream[1], decode_s=time.process_time() - t0)
+                    stream=s, step=step, pos=stream[1], decode_s=time.thread_time() - t0)
         self.bad.clear()
         return item
 
@@ -1281,58 +1277,6 @@ def _leave_signals_to_the_main_process(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
-class RunAhead:
-    """Iterates `iterator` in a background thread, up to `depth` results ahead of the consumer, so that its work
-    (here: waiting for the workers' items, joining and pinning them) overlaps the training step. Errors are raised
-    in the consumer; close() stops the thread."""
-
-    def __init__(self, iterator, depth=1):
-        self.queue, self.stopping = queue.Queue(depth), threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(iterator,), daemon=True)
-        self.thread.start()
-
-    def _run(self, iterator):
-        try:
-            for result in iterator:
-                if not self._put((result, None)):
-                    return
-            self._put((None, StopIteration()))
-        except BaseException as err:  # raised in the consumer, with its traceback
-            self._put((None, err))
-        finally:
-            close = getattr(iterator, "close", None)
-            if close:
-                close()  # a generator's close: the DataLoader it holds shuts its workers down
-
-    def _put(self, entry):
-        while not self.stopping.is_set():
-            try:
-                self.queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        result, err = self.queue.get()
-        if err is not None:
-            self.close()
-            raise err
-        return result
-
-    def close(self):
-        self.stopping.set()
-        while self.thread.is_alive():
-            try:
-                self.queue.get(timeout=0.1)  # unblocks a put
-            except queue.Empty:
-                pass
-            self.thread.join(timeout=0.1)
-
-
 class ImageTextData:
     """The rank batches of a whole run over tar shards or a CSV for one rank (made by image_text_loader)."""
 
@@ -1359,14 +1303,19 @@ class ImageTextData:
             self.dataset.start(start_step, positions)
             loader = DataLoader(self.dataset, batch_size=None, **kw)
         items = iter(loader)  # starts the workers here, in the caller's thread
-        return RunAhead(self._joined(items, start_step))
+        steps = range(start_step, self.steps_per_epoch * self.epochs)
+        with ThreadPoolExecutor(1) as thread:  # joins batch t + 1 while the caller runs step t
+            joining = thread.submit(self._join_next, items, steps[0]) if steps else None
+            for step in steps:
+                batch = joining.result()
+                joining = thread.submit(self._join_next, items, step + 1) if step + 1 < steps.stop else None
+                yield batch
 
-    def _joined(self, items, start_step):
-        for step in range(start_step, self.steps_per_epoch * self.epochs):
-            parts = [next(items) for _ in range(self.items_per_step)]
-            if any(it.get("step", step) != step for it in parts):  # the workers' turns out of step: a bug, not data
-                raise RuntimeError(f"step {step}: items of steps {sorted({it['step'] for it in parts})} arrived")
-            yield dict(join_items(parts, self.pin_memory), step=step)
+    def _join_next(self, items, step):
+        parts = [next(items) for _ in range(self.items_per_step)]
+        if any(it.get("step", step) != step for it in parts):  # the workers' turns out of step: a bug, not data
+            raise RuntimeError(f"step {step}: items of steps {sorted({it['step'] for it in parts})} arrived")
+        return dict(join_items(parts, self.pin_memory), step=step)
 
 
 def image_text_loader(data, tokenizer, image_size, batch_size, epochs=1, rank=0, world_size=1, workers=4, seed=0,
