@@ -503,7 +503,8 @@ def main(argv=None):
     lo2 = sub.add_parser("loader", help="stage-2 loader alone: peak host memory at the per-rank batch")
     lo2.add_argument("--batch-size", type=int, default=5120, help="per-rank batch")
     lo2.add_argument("--workers", type=int, default=4)
-    lo2.add_argument("--streams", type=int, default=None, help="--data-streams (default: gcd(batch, 240))")
+    lo2.add_argument("--streams", type=int, default=40,
+                     help="streams of this rank (the paper's: 240 streams shared by 6 ranks, 128 samples a step each)")
     lo2.add_argument("--batches", type=int, default=3)
     lo2.add_argument("--side", type=int, default=512, help="short side of the JPEGs in the shards")
     lo2.add_argument("--image-size", type=int, default=224)
