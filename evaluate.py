@@ -6,17 +6,17 @@ perceptual probes (TID2013, texture-shape bias, noise sensitivity).
     python evaluate.py --checkpoint runs/pi/epoch_32.pt --merges bpe_simple_vocab_16e6.txt.gz \
         --data-root /data/eval --datasets all --retrieval flickr30k,coco --nights /data/nights \
         --out results/pi --compare runs/base/epoch_32.pt
-    python evaluate.py --scaling runs/pi --samples-per-epoch 15000000 --merges ... --data-root ... --datasets all
+    python evaluate.py --scaling runs/pi,runs/base --samples-per-epoch 15000000 --merges ... --data-root ... \
+        --datasets all --out results/scaling
     python evaluate.py --checkpoint demo/pi.pt --compare demo/base.pt --model tiny --merges ... \
         --datasets "" --retrieval "" --synthetic demo/world        # the CPU demo's synthetic world
 
 From training code: zero_shot_eval(model, tokenizer, "imagenet1k", root), retrieval_eval(model, tokenizer, json),
 nights_eval(model, nights_root), folder_zero_shot_eval(...), synthetic_eval(model, tokenizer, world_root).
 
-Everything reads from one folder per dataset under --data-root. A set whose files are missing, or that fails in any
-way, is recorded as skipped with the reason and the path, and the run goes on; a single unreadable image is skipped and
-counted (n_unreadable); results.json is rewritten after every benchmark, so a killed run keeps what it measured.
-Layout under --data-root (torchvision's own wherever torchvision has the set; this table is layout_table(), printed
+Everything reads from one folder per dataset under --data-root: the set's raw files, or its webdataset copy as
+clip_benchmark and DataComp publish them (wds_<name>/, read with tarfile), which is used ahead of the raw files when
+both are there. Layout (torchvision's own wherever torchvision has the set; this table is layout_table(), printed
 from BENCHMARKS, and a test keeps this copy and README.md's equal to it):
 
     imagenet1k                     imagenet1k/val/<wnid>/*.JPEG, or imagenet1k/: torchvision ImageNet(split='val')
@@ -54,9 +54,23 @@ from BENCHMARKS, and a test keeps this copy and README.md's equal to it):
     cue_conflict                   cue-conflict/<shape>/<shape>N-<texture>M.png (Geirhos et al.)
     noise                          CIFAR-100-C/{gaussian_noise.npy, labels.npy} (+ cifar100/ for the clean accuracy)
 
-Where a VTAB test split cannot be rebuilt without TensorFlow Datasets (EuroSAT, RESISC45, Caltech-101, KITTI) we use a
-fixed split of the same size and say so in the dataset's `split` note in the results; #test in the tables is always
-the number of images actually evaluated. Accuracies and recalls are in percent.
+    The webdataset copies, read instead of the files above wherever they are present: <data-root>/wds_<name>/
+    (clip_benchmark) or wds_<name>_test/ (DataComp), <name> one of imagenet1k, imagenet-a, imagenet-o, imagenet-r,
+    imagenet_sketch, imagenetv2, objectnet, vtab-cifar100, vtab-caltech101, vtab-clevr_closest_object_distance,
+    vtab-clevr_count_all, vtab-kitti_closest_vehicle_distance, vtab-dtd, vtab-eurosat, vtab-flowers, vtab-pets,
+    vtab-resisc45, vtab-svhn, vtab-pcam, cars, food101, fgvc_aircraft, voc2007, cifar10, vtab-cifar10, country211,
+    gtsrb, mnist, renderedsst2, stl10, flickr30k, mscoco_captions.
+
+Each result says which files (`path`) and which test split (`split`) were read. The webdataset copies of the VTAB
+sets hold VTAB's own test splits (from TFDS). From the raw files, where a VTAB split cannot be rebuilt without TFDS
+(EuroSAT, RESISC45, Caltech-101, KITTI), a fixed split of the same size is used and named. Class names and templates
+are ours (clip_benchmark's, zeroshot_prompts.json); where a copy's classnames.txt differs, the report says where.
+Every set is scored over all of its classes: one whose images cover fewer (a partial download) is flagged
+`incomplete`, never scored as a smaller task. A set whose files are missing, or that fails in any way, is recorded
+as skipped with the reason and the path, and the run goes on; a single unreadable image is skipped and counted
+(n_unreadable). results.json is rewritten after every benchmark, so a killed run keeps what it measured; an earlier
+results.json in --out is never replaced without --overwrite, and a run that measures nothing exits with an error.
+#test in the tables is always the number of images actually evaluated. Accuracies and recalls are in percent.
 """
 
 import argparse
@@ -64,10 +78,15 @@ import contextlib
 import csv
 import functools
 import hashlib
+import io
 import json
 import math
 import os
 import re
+import subprocess
+import sys
+import tarfile
+import textwrap
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 
@@ -79,7 +98,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
 
 import data
-from model import (CLIP, MODEL_PRESETS, add_renamed, autocast, config_for, load_checkpoint,
+from model import (CLIP, MODEL_PRESETS, HelpFormatter, add_renamed, autocast, config_for, load_checkpoint,
                    load_state_dict_checked, preset_name, save_checkpoint, triplet_distances, two_afc_scores)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -394,12 +413,22 @@ def read_imagenet1k(root, transform, download):
     raise FileNotFoundError(f"neither {root}/val/<wnid>/ nor torchvision ImageNet's archives in {root}")
 
 
-def read_wnid_folders(root, transform, download):
-    """ImageNet-A/-O/-R/-Sketch: one folder per wnid; the classes are the wnids present, in ImageNet order, named as
-    in ImageNet (clip_benchmark masks ImageNet's list the same way)."""
-    names = imagenet_names()
+def set_wnids(name):
+    """The wnids that are set `name`'s classes, in ImageNet order: ImageNet-A's, -O's or -R's 200 (clip_benchmark's
+    lists, kept in zeroshot_prompts.json), else all 1000."""
+    p = prompts()
+    return p.get(f"_{name}_wnids", p["_imagenet1k_wnids"])
+
+
+def read_wnid_folders(root, transform, download, name="imagenet_sketch"):
+    """ImageNet-A/-O/-R/-Sketch: one folder per wnid, labelled by the wnid's place in the set's whole class list (200
+    or 1000 wnids, named as in ImageNet, as clip_benchmark masks ImageNet's list). All of the set's classes are scored
+    whichever folders are there, so a partial download is not a smaller, easier task (zero_shot_on flags it)."""
+    names, wnids = imagenet_names(), set_wnids(name)
     folder = find_dir(root, "sketch", "")
-    wnids = [w for w in names if os.path.isdir(os.path.join(folder, w))]
+    unknown = sorted(set(class_folders(folder)) - set(wnids))
+    if unknown:
+        raise ValueError(f"{folder} has class folders that are not {name} wnids: {', '.join(unknown[:5])}")
     return ImageList(folder_items(folder, {w: i for i, w in enumerate(wnids)}), transform), \
         [names[w] for w in wnids], "test"
 
@@ -428,8 +457,11 @@ def read_caltech101(root, transform, download, n_train=30):
     """All 102 folders (with BACKGROUND_Google, as VTAB and the paper's #classes) in case-sensitive order; the test
     split is everything but the first 30 images of each class, VTAB's split rule (TFDS draws its 30 at random)."""
     folder = find_dir(root, "caltech101/101_ObjectCategories", "101_ObjectCategories")
+    folders = class_folders(folder)
+    if len(folders) != 102:  # a label is a place in the folder order: with folders missing, later labels would shift
+        raise ValueError(f"{folder} has {len(folders)} class folders, Caltech-101 102 (a partial download?)")
     items = []
-    for i, d in enumerate(class_folders(folder)):
+    for i, d in enumerate(folders):
         items += [(p, i) for p in list_images(os.path.join(folder, d))[n_train:]]
     return ImageList(items, transform), None, "all but the first 30 images per class (VTAB's rule, not its draw)"
 
@@ -519,6 +551,98 @@ def read_voc2007(root, transform, download):
             items.append((os.path.join(base, "JPEGImages", i + ".jpg"), classes.index(obj.find("name").text), box))
     return ImageList(items, transform), None, "test"
 
+
+# clip_benchmark's webdataset copies (its build_wds_dataset; DataComp's evaluation reads the same files):
+#   wds_<name>/test/nshards.txt, wds_<name>/test/0.tar ... (n-1).tar, classnames.txt,
+#   zeroshot_classification_templates.txt, dataset_type.txt ("retrieval" for caption sets; absent: classification)
+# Each sample is the consecutive tar members sharing a key: an image (.webp, .png, .jpg or .jpeg) and a .cls label, or
+# a .txt of captions, one per line. Read here with tarfile, by member offset, so no webdataset import at run time.
+
+WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # build_wds_dataset's to_tuple order: the first one present
+
+
+def wds_shards(root, split="test"):
+    """root/split/0.tar ... (n-1).tar, n from root/split/nshards.txt, in the order build_wds_dataset reads them."""
+    with open(os.path.join(root, split, "nshards.txt")) as f:
+        n = int(f.read().strip())
+    shards = [os.path.join(root, split, f"{i}.tar") for i in range(n)]
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {n} shards nshards.txt counts are missing, e.g. {missing[0]}")
+    return shards
+
+
+def wds_samples(shard):
+    """[(key, {ext: (offset, size)})] of one plain tar shard, in file order. As webdataset groups them: a key is a
+    member's path up to the first dot of its file name, the extension (lower-cased) the rest, and consecutive members
+    with one key are one sample. A damaged shard is an error naming it, never a silently shorter test set."""
+    samples, size = [], os.path.getsize(shard)
+    try:
+        with tarfile.open(shard, "r:") as tar:  # uncompressed, as clip_benchmark writes: members are read by offset
+            for m in tar:
+                folder, name = os.path.split(m.name)
+                key, dot, ext = name.partition(".")
+                if not m.isfile() or not dot:
+                    continue
+                if m.offset_data + m.size > size:
+                    raise tarfile.ReadError(f"member {m.name} is cut off")
+                if not samples or samples[-1][0] != os.path.join(folder, key):
+                    samples.append((os.path.join(folder, key), {}))
+                samples[-1][1][ext.lower()] = (m.offset_data, m.size)
+            if size < tar.offset + 2 * tarfile.BLOCKSIZE:  # cut between two members: tarfile just stops there
+                raise tarfile.ReadError("no end-of-archive blocks after its last member (cut short?)")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"{shard}: {type(e).__name__}: {e}") from e
+    return samples
+
+
+def read_member(shard, offset, size):
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+class WdsTestSplit(Dataset):
+    """The test split of a webdataset copy, in shard and file order: (image, its `cls` label), or for retrieval
+    (image, sample index) with the lines of its `txt` in self.captions. A sample without an image or a label
+    raises when read, so it is skipped and counted like an unreadable file (build_wds_dataset would stop)."""
+
+    def __init__(self, root, transform, retrieval=False):
+        self.transform, self.items, self.captions = transform, [], []
+        for shard in wds_shards(root):
+            for key, fields in wds_samples(shard):
+                image = next((fields[e] for e in WDS_IMAGE_EXTENSIONS if e in fields), None)
+                text = fields.get("txt" if retrieval else "cls")
+                text = None if text is None else read_member(shard, *text).decode("utf-8")
+                if retrieval:  # str.splitlines, as build_wds_dataset's map_tuple(transform, str.splitlines)
+                    self.captions.append([] if text is None else text.splitlines())
+                    label = len(self.items) if text is not None else None
+                else:
+                    label = int(text.strip()) if text is not None and text.strip().isdigit() else None
+                self.items.append((f"{shard}:{key}", shard, image, label))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        _, shard, image, label = self.items[i]
+        if image is None or label is None:
+            raise ValueError("sample has no " + ("image (.webp/.png/.jpg/.jpeg)" if image is None else "label"))
+        with Image.open(io.BytesIO(read_member(shard, *image))) as img:
+            return self.transform(img.convert("RGB")), label
+
+    def labels(self):
+        return [label for *_, label in self.items if label is not None]
+
+
+def wds_text(root, name):
+    """A metadata file of a webdataset copy as build_wds_dataset reads it (lines, stripped), or None if absent."""
+    path = os.path.join(root, name)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f.read().splitlines()]
+
 # -----------------------------------------------------------------------------------------------------------------
 # 4. The paper's 29 classification sets (Table 1): one entry each, with how it is read and where its files live
 
@@ -541,11 +665,14 @@ class Benchmark:
 BENCHMARKS = {
     "imagenet1k": Benchmark("ImageNet-1k", IMAGENET, "Visual recog.", 50000, 1000, read_imagenet1k,
                             "imagenet1k/val/<wnid>/*.JPEG, or imagenet1k/: torchvision ImageNet(split='val')"),
-    "imagenet-a": Benchmark("ImageNet-A", IMAGENET_OOD, "Visual recog.", 7500, 200, read_wnid_folders,
+    "imagenet-a": Benchmark("ImageNet-A", IMAGENET_OOD, "Visual recog.", 7500, 200,
+                            functools.partial(read_wnid_folders, name="imagenet-a"),
                             "imagenet-a/<wnid>/*.jpg (the released tar, extracted)"),
-    "imagenet-o": Benchmark("ImageNet-O", IMAGENET_OOD, "Visual recog.", 2000, 200, read_wnid_folders,
+    "imagenet-o": Benchmark("ImageNet-O", IMAGENET_OOD, "Visual recog.", 2000, 200,
+                            functools.partial(read_wnid_folders, name="imagenet-o"),
                             "imagenet-o/<wnid>/*.jpg (the released tar, extracted)"),
-    "imagenet-r": Benchmark("ImageNet-R", IMAGENET_OOD, "Visual recog.", 30000, 200, read_wnid_folders,
+    "imagenet-r": Benchmark("ImageNet-R", IMAGENET_OOD, "Visual recog.", 30000, 200,
+                            functools.partial(read_wnid_folders, name="imagenet-r"),
                             "imagenet-r/<wnid>/*.jpg (the released tar, extracted)"),
     "imagenet_sketch": Benchmark("ImageNet-Sketch", IMAGENET_OOD, "Visual recog.", 50889, 1000, read_wnid_folders,
                                  "imagenet_sketch/[sketch/]<wnid>/*.JPEG (the zip, extracted)"),
@@ -599,6 +726,29 @@ PROBES = ("tid2013", "cue_conflict", "noise")
 PROBE_LAYOUT = {"tid2013": "tid2013/{mos_with_names.txt, reference_images/, distorted_images/}",
                 "cue_conflict": "cue-conflict/<shape>/<shape>N-<texture>M.png (Geirhos et al.)",
                 "noise": "CIFAR-100-C/{gaussian_noise.npy, labels.npy} (+ cifar100/ for the clean accuracy)"}
+# The names of the sets' webdataset copies where they are not the set's own: clip_benchmark's (benchmark/
+# webdatasets.txt, wds/<name> in a folder wds_<name> with "/" as "-": its VTAB sets are vtab/<name>) and DataComp's
+# (tasklist.yml; download_evalsets.py names the same copies wds_<name>_test). Both spellings are looked for.
+WDS_NAMES = {**{n: ("vtab-" + n,) for n, b in BENCHMARKS.items() if b.family == VTAB},
+             "cifar10": ("cifar10", "vtab-cifar10"), "coco": ("mscoco_captions",)}
+
+
+def wds_folders(name):
+    """The folder names set `name`'s webdataset copy may have under --data-root, in the order they are looked for."""
+    return [f"wds_{n}{suffix}" for n in WDS_NAMES.get(name, (name,)) for suffix in ("", "_test")]
+
+
+def is_wds(root):
+    return os.path.basename(os.path.normpath(root)).startswith("wds_")
+
+
+def dataset_root(data_root, name):
+    """Where set `name` (a classification or retrieval benchmark) is read from: its webdataset copy under data_root
+    when there is one (the copies carry VTAB's own test splits), else its raw folder."""
+    for folder in wds_folders(name):
+        if os.path.isdir(os.path.join(data_root, folder)):
+            return os.path.join(data_root, folder)
+    return os.path.join(data_root, BENCHMARKS[name].folder or name if name in BENCHMARKS else name)
 
 
 def layout_of(name):
@@ -611,9 +761,20 @@ def layout_table(markdown=False):
     carry a copy of this text, and a test checks that they still do, so the three cannot drift apart."""
     rows = [(n, layout_of(n)) for n in BENCHMARKS] + list(RETRIEVAL_LAYOUT.items()) + list(PROBE_LAYOUT.items())
     if markdown:
-        return "\n".join(["| benchmark | files under `--data-root` |", "|---|---|"]
-                         + [f"| {n} | `{where}` |" for n, where in rows])
-    return "\n".join(f"    {n:30s} {where}" for n, where in rows)
+        return "\n".join(["| benchmark | files under `--data-root` | or its webdataset copy (read first) |",
+                          "|---|---|---|"]
+                         + [f"| {n} | `{where}` | {wds_cell(n)} |" for n, where in rows])
+    names = ", ".join(n for b in [*BENCHMARKS, *RETRIEVAL] for n in WDS_NAMES.get(b, (b,)))
+    wds = textwrap.wrap("The webdataset copies, read instead of the files above wherever they are present: "
+                        "<data-root>/wds_<name>/ (clip_benchmark) or wds_<name>_test/ (DataComp), <name> one of "
+                        f"{names}.", 112, break_on_hyphens=False)
+    return "\n".join([f"    {n:30s} {where}" for n, where in rows] + [""] + [f"    {line}" for line in wds])
+
+
+def wds_cell(name):
+    if name not in BENCHMARKS and name not in RETRIEVAL:
+        return "—"
+    return " or ".join(f"`{f}/`" for f in wds_folders(name))
 
 
 _PROMPTS = None
@@ -640,12 +801,64 @@ def parse_names(text, known, what):
 
 
 def build_dataset(name, root, transform, download=False):
-    """Test split of benchmark `name` read from `root` -> (dataset of (image, label), class names, split note).
-    The class names are zeroshot_prompts.json's where it lists them, else the reader's (torchvision's, or the
-    ImageNet names of the folders present). Raises OSError / ValueError / KeyError when files are missing."""
+    """Test split of benchmark `name` read from `root`, its raw folder or its webdataset copy (a folder named
+    wds_...) -> (dataset of (image, label), class names, info). The class names are ours: zeroshot_prompts.json's
+    where it lists them, else the reader's (torchvision's list, ObjectNet's mappings). info: {"split": which test
+    split was read, ...}. Raises OSError / ValueError / KeyError when files are missing or malformed."""
+    if is_wds(root):
+        return read_wds_classification(name, root, transform)
     ds, classes, note = BENCHMARKS[name].read(root, transform, download)
     listed = prompts()[name]["classes"]
-    return ds, listed if listed is not None else classes, note
+    return ds, listed if listed is not None else classes, {"split": note}
+
+
+def our_classnames(name):
+    """Set `name`'s class names where they need no files: zeroshot_prompts.json's list, or ImageNet's names of the
+    set's wnids; None where the raw files carry them (torchvision's class lists, ObjectNet's mappings)."""
+    listed = prompts()[name]["classes"]
+    if listed is None and BENCHMARKS[name].family in (IMAGENET, IMAGENET_OOD) and name != "objectnet":
+        names = imagenet_names()
+        return [names[w] for w in set_wnids(name)]
+    return listed
+
+
+def wds_classnames(name, theirs):
+    """(class names in the copy's label order, a note for the results) from a copy's classnames.txt. Ours are kept;
+    where they are a reordering of the copy's (Caltech-101: TFDS orders its classes differently from the folders),
+    the copy's order is the label order; where names differ, ours are used place by place and the places reported."""
+    n = BENCHMARKS[name].n_classes
+    if len(theirs) != n:
+        raise ValueError(f"classnames.txt has {len(theirs)} names, {BENCHMARKS[name].title} has {n} classes")
+    ours = our_classnames(name)
+    if ours is None:  # ours come from the raw files; clip_benchmark wrote the copy's from the same lists
+        spaces = getattr(BENCHMARKS[name].read, "spaces", False)
+        return [c.replace("_", " ") for c in theirs] if spaces else theirs, \
+            {"classnames": "the copy's classnames.txt (ours are read from the raw files' own class list)"}
+    if theirs == ours:
+        return ours, {"classnames": "ours (the copy's classnames.txt is the same)"}
+    if sorted(theirs) == sorted(ours):
+        return theirs, {"classnames": "ours, in the copy's label order (its classnames.txt orders them differently)",
+                        "classnames_reordered": True}
+    differ = [[i, t, o] for i, (t, o) in enumerate(zip(theirs, ours)) if t != o]
+    if 2 * len(differ) > n:  # not a spelling here and there: which label is which class cannot be told
+        raise ValueError(f"classnames.txt differs from our class names at {len(differ)} of {n} places, "
+                         f"e.g. label {differ[0][0]}: {differ[0][1]!r} vs {differ[0][2]!r}")
+    return ours, {"classnames": f"ours; the copy's classnames.txt differs at {len(differ)} of {n} places",
+                  "classnames_differ": [{"label": i, "copy": t, "ours": o} for i, t, o in differ[:10]]}
+
+
+def read_wds_classification(name, root, transform):
+    """A classification set's webdataset copy -> (dataset, class names, info), as build_dataset returns them."""
+    kind = " ".join(wds_text(root, "dataset_type.txt") or []).strip().lower() or "classification"
+    if kind != "classification":
+        raise ValueError(f"{root}/dataset_type.txt says {kind!r}, not a single-label classification copy")
+    theirs = wds_text(root, "classnames.txt")
+    if theirs is None:
+        raise FileNotFoundError(f"{root}/classnames.txt")
+    classes, note = wds_classnames(name, theirs)
+    split = ("VTAB's test split (from TFDS, as the webdataset copy holds it)" if "wds_vtab-" in os.path.basename(
+        os.path.normpath(root)) else "test (as the webdataset copy holds it)")
+    return WdsTestSplit(root, transform), classes, {"split": split, "layout": "webdataset", **note}
 
 # -----------------------------------------------------------------------------------------------------------------
 # 5. Zero-shot classification and retrieval
@@ -669,33 +882,52 @@ def _device_of(model):
 def zero_shot_eval(model, tokenizer, name, root, transform=None, batch_size=256, workers=4, cache_dir=None,
                    cache_tag=None, download=False):
     """Zero-shot top-1 / top-5 / mean per-class recall (percent) of `model` on benchmark `name` read from `root`
-    (= <data-root>/<folder>). top5 is None where #classes <= 5 (it would be 100 by construction). Importable from
-    train_clip.py. DatasetUnavailable when the set's files are missing or none of its images can be read."""
+    (= <data-root>/<folder>, or the set's webdataset copy <data-root>/wds_<name>; dataset_root picks). top5 is None
+    where #classes <= 5 (it would be 100 by construction). The result says which split and files were read.
+    Importable from train_clip.py. DatasetUnavailable when the set's files are missing or none of its images can be
+    read."""
     transform = transform or data.eval_transform(model.config.image_size)
     try:
-        ds, classnames, note = build_dataset(name, root, transform, download)
+        ds, classnames, info = build_dataset(name, root, transform, download)
     except (OSError, RuntimeError, ImportError, KeyError, ValueError) as e:  # files missing / incomplete
         raise DatasetUnavailable(f"{type(e).__name__}: {e}") from e
     if len(ds) == 0:
         raise DatasetUnavailable(f"no images found under {root}")
     r = zero_shot_on(model, tokenizer, ds, classnames, prompts()[name]["templates"], batch_size=batch_size,
                      workers=workers, cache_dir=cache_dir, cache_tag=cache_tag, desc=name)
-    return {**r, "split": note}
+    return {**r, **info, "path": root}
+
+
+def zero_shot_logits(model, tokenizer, ds, classnames, templates, batch_size=256, workers=4, cache_dir=None,
+                     cache_tag=None, desc="zero-shot"):
+    """(logits [N, C] = 100 * image_emb @ classifier, labels [N], unreadable items) over the N readable images of a
+    dataset of (image, class index); C = len(classnames)."""
+    device = _device_of(model)
+    with eval_mode(model):
+        clf = cached_classifier(model, tokenizer, classnames, templates, device, cache_dir, cache_tag)
+        feats, labels, unreadable = encode_images(model, make_loader(ds, batch_size, workers, device), device, desc)
+    if labels.max() >= len(classnames) or labels.min() < 0:
+        raise ValueError(f"labels run from {labels.min()} to {labels.max()} but there are {len(classnames)} classes")
+    return 100 * feats @ clf, labels, unreadable
 
 
 def zero_shot_on(model, tokenizer, ds, classnames, templates, batch_size=256, workers=4, cache_dir=None, cache_tag=None,
                  desc="zero-shot"):
     """Top-1 / top-5 / mean per-class recall (percent) on a dataset of (image, class index), over its readable
-    images (n; the others are counted in n_unreadable); top5 None where #classes <= 5."""
-    device = _device_of(model)
-    with eval_mode(model):
-        clf = cached_classifier(model, tokenizer, classnames, templates, device, cache_dir, cache_tag)
-        feats, labels, unreadable = encode_images(model, make_loader(ds, batch_size, workers, device), device, desc)
-    logits = 100 * feats @ clf
-    top5 = 100 * topk_accuracy(logits, labels, 5) if len(classnames) > 5 else None
-    return {"top1": 100 * topk_accuracy(logits, labels, 1), "top5": top5,
-            "mean_per_class_recall": 100 * mean_per_class_recall(logits, labels), "n": len(labels),
-            "n_classes": len(classnames), **unreadable_record(unreadable)}
+    images (n; the others are counted in n_unreadable); top5 None where #classes <= 5. Every class is a candidate
+    whether or not it has images: a set whose images cover fewer classes than its list (a partial download) is still
+    the whole task, and says so in `incomplete`."""
+    logits, labels, unreadable = zero_shot_logits(model, tokenizer, ds, classnames, templates, batch_size, workers,
+                                                  cache_dir, cache_tag, desc)
+    n_classes, present = len(classnames), len(torch.unique(labels))
+    top5 = 100 * topk_accuracy(logits, labels, 5) if n_classes > 5 else None
+    out = {"top1": 100 * topk_accuracy(logits, labels, 1), "top5": top5,
+           "mean_per_class_recall": 100 * mean_per_class_recall(logits, labels), "n": len(labels),
+           "n_classes": n_classes, "n_classes_with_images": present, **unreadable_record(unreadable)}
+    if present < n_classes:
+        out["incomplete"] = (f"only {present} of the {n_classes} classes have images (a partial download?); scored "
+                             f"over all {n_classes}, as the full set is")
+    return out
 
 
 def folder_zero_shot_eval(model, tokenizer, folder, classnames, templates, transform=None, batch_size=256, workers=4):
@@ -710,11 +942,19 @@ def folder_zero_shot_eval(model, tokenizer, folder, classnames, templates, trans
                         desc=os.path.basename(folder))
 
 
-class KarpathyRetrieval(Dataset):
-    """Karpathy's split JSON ({"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}): the
-    `test` images and the first 5 captions of each (the any-of-5 convention). Items are (image, image index)."""
+# Captions per image scored in retrieval: 5, the protocol of the Karpathy test splits (Karpathy & Fei-Fei 2015: 5,000
+# captions for Flickr30k's 1k images, 25,000 for COCO's 5k) on which the CLIP paper (Radford et al. 2021) and the PI
+# paper (Table 2) report retrieval. COCO's Karpathy JSON has 6-7 captions for some test images (25,010 in all);
+# clip_benchmark scores all of them (--captions-per-image 0 here), which moves R@K.
+CAPTIONS_PER_IMAGE = 5
 
-    def __init__(self, json_path, image_root, transform, split="test", captions_per_image=5):
+
+class KarpathyRetrieval(Dataset):
+    """Karpathy's split JSON ({"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}): the `test`
+    images with all their captions, in the JSON's order (retrieval_on keeps the first --captions-per-image). Items
+    are (image, image index)."""
+
+    def __init__(self, json_path, image_root, transform, split="test"):
         with open(json_path, encoding="utf-8") as f:
             index = json.load(f)
         if not isinstance(index, dict) or not isinstance(index.get("images"), list):
@@ -728,7 +968,7 @@ class KarpathyRetrieval(Dataset):
         if not found:
             raise FileNotFoundError(f"{rel[0]} under any of " + ", ".join(roots))
         self.paths = [os.path.join(found[0], r) for r in rel]
-        self.captions = [[s["raw"].strip() for s in im["sentences"][:captions_per_image]] for im in images]
+        self.captions = [[s["raw"].strip() for s in im["sentences"]] for im in images]
         self.transform = transform
 
     def __len__(self):
@@ -739,23 +979,40 @@ class KarpathyRetrieval(Dataset):
             return self.transform(img.convert("RGB")), i
 
 
-def retrieval_eval(model, tokenizer, json_path, image_root=None, transform=None, batch_size=256, workers=4):
-    """Table 2: I->T and T->I R@1/5/10 (percent) on the test split of a Karpathy-format JSON (Flickr30k 1k test,
-    COCO 5k test); images are looked up under image_root (default: the JSON's folder). An unreadable image is left
-    out with its captions and counted."""
+def retrieval_on(model, tokenizer, ds, captions_per_image=CAPTIONS_PER_IMAGE, batch_size=256, workers=4,
+                 desc="retrieval"):
+    """Table 2: I->T and T->I R@1/5/10 (percent) on a dataset of (image, index) with its captions in ds.captions,
+    the first `captions_per_image` of each image (0: all). An unreadable image is left out with its captions and
+    counted; n_texts is the number of captions scored, n_texts_in_files how many the readable images have."""
     device = _device_of(model)
-    transform = transform or data.eval_transform(model.config.image_size)
-    ds = KarpathyRetrieval(json_path, image_root or os.path.dirname(json_path), transform)
-    name = os.path.basename(json_path)
     with eval_mode(model):
         image_emb, image_ids, unreadable = encode_images(model, make_loader(ds, batch_size, workers, device), device,
-                                                         desc=name)
-        captions = [ds.captions[i] for i in image_ids.tolist()]  # of the readable images, in their order
+                                                         desc=desc)
+        in_files = [ds.captions[i] for i in image_ids.tolist()]  # of the readable images, in their order
+        captions = [caps[:captions_per_image] if captions_per_image else caps for caps in in_files]
         texts = [c for caps in captions for c in caps]
         text_emb = encode_texts(model, tokenizer, texts, device)
     text_to_image = [i for i, caps in enumerate(captions) for _ in caps]
     return {**retrieval_metrics(image_emb, text_emb, text_to_image), "n_images": len(captions), "n_texts": len(texts),
+            "captions_per_image": captions_per_image or "all", "n_texts_in_files": sum(map(len, in_files)),
             **unreadable_record(unreadable)}
+
+
+def retrieval_eval(model, tokenizer, path, image_root=None, transform=None, batch_size=256, workers=4,
+                   captions_per_image=CAPTIONS_PER_IMAGE):
+    """Retrieval (retrieval_on) on the test split of a Karpathy-format JSON (Flickr30k 1k test, COCO 5k test), its
+    images looked up under image_root (default: the JSON's folder), or on a webdataset copy (a wds_... folder:
+    wds_flickr30k, wds_mscoco_captions)."""
+    transform = transform or data.eval_transform(model.config.image_size)
+    if is_wds(path):
+        kind = " ".join(wds_text(path, "dataset_type.txt") or []).strip().lower()
+        if kind != "retrieval":
+            raise ValueError(f"{path}/dataset_type.txt says {kind or 'nothing'!r}, not 'retrieval'")
+        ds, split = WdsTestSplit(path, transform, retrieval=True), "test (as the webdataset copy holds it)"
+    else:
+        ds, split = KarpathyRetrieval(path, image_root or os.path.dirname(path), transform), "Karpathy test split"
+    r = retrieval_on(model, tokenizer, ds, captions_per_image, batch_size, workers, desc=os.path.basename(path))
+    return {**r, "split": split, "path": path}
 
 # -----------------------------------------------------------------------------------------------------------------
 # 6. NIGHTS 2AFC (stage 1's dataset and metric) and perceptual probes (TID2013, cue conflict, noise)
@@ -923,7 +1180,7 @@ def failure(error, path):
 
 
 def zero_shot_benchmark(model, tokenizer, name, data_root, download, kw):
-    root = os.path.join(data_root, BENCHMARKS[name].folder or name)
+    root = dataset_root(data_root, name)  # the webdataset copy if there is one, else the raw folder
     if not os.path.isdir(root) and not download:
         return skipped("missing", root)
     try:
@@ -932,15 +1189,16 @@ def zero_shot_benchmark(model, tokenizer, name, data_root, download, kw):
         return failure(e, root)
 
 
-def retrieval_benchmark(model, tokenizer, name, data_root, kw):
-    root = os.path.join(data_root, name)
-    json_path = os.path.join(root, RETRIEVAL[name][1])
-    if not os.path.exists(json_path):
-        return skipped(f"missing {json_path}", root)
+def retrieval_benchmark(model, tokenizer, name, data_root, kw, captions_per_image=CAPTIONS_PER_IMAGE):
+    root = dataset_root(data_root, name)
+    path = root if is_wds(root) else os.path.join(root, RETRIEVAL[name][1])
+    if not os.path.exists(path):
+        return skipped(f"missing {path}", root)
     try:
-        return retrieval_eval(model, tokenizer, json_path, root, batch_size=kw["batch_size"], workers=kw["workers"])
+        return retrieval_eval(model, tokenizer, path, root, batch_size=kw["batch_size"], workers=kw["workers"],
+                              captions_per_image=captions_per_image)
     except Exception as e:
-        return failure(e, json_path)
+        return failure(e, path)
 
 
 def guarded(path, fn, *args, **kwargs):
@@ -957,17 +1215,19 @@ def log_line(name, r):
     if "top1" in r:
         line = f"{name:32s} top1 {r['top1']:5.1f}  top5 {fmt(r['top5']):>5s}  ({r['n']} images)"
     else:
-        line = f"{name:32s} " + "  ".join(f"{k} {r[k]:5.1f}" for k in RETRIEVAL_METRICS)
-    return line + (f", {r['n_unreadable']} unreadable skipped" if r.get("n_unreadable") else "")
+        line = f"{name:32s} " + "  ".join(f"{k} {r[k]:5.1f}" for k in RETRIEVAL_METRICS) + f" ({r['n_texts']} captions)"
+    line += f", {r['n_unreadable']} unreadable skipped" if r.get("n_unreadable") else ""
+    return line + (f"; INCOMPLETE: {r['incomplete']}" if r.get("incomplete") else "")
 
 
 def evaluate(model, tokenizer, data_root, datasets=(), retrieval=(), nights=None, probes=(), synthetic=None,
-             batch_size=256, workers=4, cache_dir=None, cache_tag=None, download=False, log=print, on_result=None):
+             batch_size=256, workers=4, cache_dir=None, cache_tag=None, download=False, log=print, on_result=None,
+             captions_per_image=CAPTIONS_PER_IMAGE):
     """Everything the report needs for one model. Numbers are percentages (probe correlations and biases are
     fractions). A benchmark whose files are missing, or that fails in any way, is recorded as {"skipped": why,
     "path": where} and the run goes on. on_result(res) is called after every benchmark with the results so far
     (main() rewrites results.json with them). synthetic: root of a world that synthetic_world.make_synthetic_world
-    wrote (the CPU demo)."""
+    wrote (the CPU demo). Each set is read from its webdataset copy under data_root where there is one."""
     res = {"units": "percent", "zeroshot": {}, "families": {}, "retrieval": {}, "nights": None, "probes": {},
            "synthetic": None}
     done = on_result or (lambda _: None)
@@ -981,7 +1241,7 @@ def evaluate(model, tokenizer, data_root, datasets=(), retrieval=(), nights=None
         log(log_line(name, r))
         done(res)
     for name in retrieval:
-        res["retrieval"][name] = r = retrieval_benchmark(model, tokenizer, name, data_root, kw)
+        res["retrieval"][name] = r = retrieval_benchmark(model, tokenizer, name, data_root, kw, captions_per_image)
         log(log_line(name, r))
         done(res)
     if nights:
@@ -1089,12 +1349,23 @@ def fmt(v, signed=False):
     return "—" if v is None else (f"{v:+.1f}" if signed else f"{v:.1f}")
 
 
+def label_of(res, default):
+    """How the report names a model: the label main() gave it from its checkpoint's path, else `default`."""
+    return (res or {}).get("label") or default
+
+
+def labels(ours, base):
+    return label_of(ours, "Ours"), label_of(base, "Base")
+
+
 def table1(ours, base=None):
-    """Markdown laid out like the paper's Table 1 (with Ours/Base/Δ columns when a base model is given)."""
+    """Markdown laid out like the paper's Table 1 (with a column per model and Δ when a base model is given).
+    #Cls says how many classes had images where that is fewer than the set has."""
+    lo, lb = labels(ours, base)
     if base is None:
         head = "| Dataset | Task | #Test | #Cls | Top-1 | Top-5 |\n|---|---|---:|---:|---:|---:|"
     else:
-        head = ("| Dataset | Task | #Test | #Cls | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |\n"
+        head = (f"| Dataset | Task | #Test | #Cls | {lo}@1 | {lb}@1 | Δ@1 | {lo}@5 | {lb}@5 | Δ@5 |\n"
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines, ncol = [head], 6 if base is None else 10
     for fam in FAMILIES:
@@ -1106,7 +1377,10 @@ def table1(ours, base=None):
             b, o = BENCHMARKS[n], ours["zeroshot"][n]
             ba = (base or {}).get("zeroshot", {}).get(n, {})
             n_test = o.get("n", ba.get("n"))
-            cells = [b.title, b.task, "—" if n_test is None else str(n_test), str(o.get("n_classes", b.n_classes))]
+            n_cls = str(o.get("n_classes", b.n_classes))
+            if o.get("incomplete"):
+                n_cls += f" ({o['n_classes_with_images']} with images)"
+            cells = [b.title, b.task, "—" if n_test is None else str(n_test), n_cls]
             if base is None:
                 cells += ["skipped", ""] if "top1" not in o else [fmt(o["top1"]), fmt(o["top5"])]
             else:
@@ -1120,34 +1394,38 @@ def table1(ours, base=None):
 
 
 def table2(ours, base=None):
-    """Markdown laid out like the paper's Table 2 (R@1/5/10 both ways; Base, Ours and Δ rows when compared)."""
+    """Markdown laid out like the paper's Table 2 (R@1/5/10 both ways; a row per model and Δ when compared)."""
     names = [n for n in RETRIEVAL if n in ours["retrieval"]]
     if not names:
         return "(no retrieval benchmarks evaluated)"
     sub = ["I→T R@1", "I→T R@5", "I→T R@10", "T→I R@1", "T→I R@5", "T→I R@10"]
     head = "| Model | " + " | ".join(f"{RETRIEVAL[n][0]} {s}" for n in names for s in sub) + " |"
     lines = [head, "|---|" + "---:|" * (len(sub) * len(names))]
+    lo, lb = labels(ours, base)
 
     def row(label, res):
         cells = [(fmt(res["retrieval"][n][k]) if k in res["retrieval"].get(n, {}) else "skipped")
                  for n in names for k in RETRIEVAL_METRICS]
         return f"| {label} | " + " | ".join(cells) + " |"
     if base is not None:
-        lines.append(row("Base", base))
-    lines.append(row("Ours", ours))
+        lines.append(row(lb, base))
+    lines.append(row(lo, ours))
     if base is not None:
         deltas = []
         for n in names:
             o, b = ours["retrieval"].get(n, {}), base["retrieval"].get(n, {})
             deltas += [fmt(o[k] - b[k], True) if k in o and k in b else "—" for k in RETRIEVAL_METRICS]
         lines.append("| Δ | " + " | ".join(deltas) + " |")
-    return "\n".join(lines)
+    scored = [f"{RETRIEVAL[n][0]}: {r['n_texts']} captions of {r['n_images']} images ({r['captions_per_image']} per "
+              f"image; {r['n_texts_in_files']} in the files)" for n in names
+              for r in [ours["retrieval"][n]] if "n_texts" in r and "captions_per_image" in r]
+    return "\n".join(lines) + ("\n\nScored: " + "; ".join(scored) + "." if scored else "")
 
 
 def synthetic_table(ours, base=None):
-    """Zero-shot top-1/top-5 per synthetic task and retrieval R@K, with Base and Δ columns when compared."""
+    """Zero-shot top-1/top-5 per synthetic task and retrieval R@K, with a column per model and Δ when compared."""
     so, sb = ours["synthetic"], (base or {}).get("synthetic") or {}
-    cols = ["Ours", "Base", "Δ"] if sb else ["Ours"]
+    cols = [*labels(ours, base), "Δ"] if sb else [label_of(ours, "Ours")]
     lines = ["| Benchmark | n | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
 
     def row(label, n, vo, vb):
@@ -1167,12 +1445,12 @@ def synthetic_table(ours, base=None):
 
 
 def recall_table(ours, base=None):
-    """Mean per-class recall per dataset (clip_benchmark's third number), with Base and Δ when compared."""
+    """Mean per-class recall per dataset (clip_benchmark's third number), a column per model and Δ when compared."""
     names = [n for n in BENCHMARKS if ours["zeroshot"].get(n, {}).get("mean_per_class_recall") is not None]
     if base is None:
         return "\n".join(["| Dataset | Mean per-class recall |", "|---|---:|"] + [
             f"| {BENCHMARKS[n].title} | {fmt(ours['zeroshot'][n]['mean_per_class_recall'])} |" for n in names])
-    lines = ["| Dataset | Ours | Base | Δ |", "|---|---:|---:|---:|"]
+    lines = ["| Dataset | {} | {} | Δ |".format(*labels(ours, base)), "|---|---:|---:|---:|"]
     for n in names:
         vo = ours["zeroshot"][n]["mean_per_class_recall"]
         vb = base["zeroshot"].get(n, {}).get("mean_per_class_recall")
@@ -1181,12 +1459,12 @@ def recall_table(ours, base=None):
     return "\n".join(lines)
 
 
-def nights_section(ours, comparison):
+def nights_section(ours, comparison, base=None):
     nights = ours.get("nights")
     if nights and "skipped" in nights:
         return f"skipped: {nights['skipped']} ({nights['path']})"
     if comparison and comparison.get("nights"):
-        return "| Split | n | Ours | Base | Δ |\n|---|---:|---:|---:|---:|\n" + "\n".join(
+        return "| Split | n | {} | {} | Δ |\n|---|---:|---:|---:|---:|\n".format(*labels(ours, base)) + "\n".join(
             f"| {s} | {nights[s]['n']} | {fmt(v['ours'])} | {fmt(v['base'])} | {fmt(v['delta'], True)} |"
             for s, v in comparison["nights"].items())
     return "| Split | 2AFC | n |\n|---|---:|---:|\n" + "\n".join(
@@ -1215,42 +1493,87 @@ def skipped_lines(res):
     return lines
 
 
+def per_model(ours, base, lines_of):
+    """lines_of(results) of each model, under a heading per model when there are two."""
+    if base is None:
+        return "\n".join(lines_of(ours))
+    return "\n\n".join(f"**{who}**\n\n" + "\n".join(lines) for who, lines in
+                       zip(labels(ours, base), (lines_of(ours), lines_of(base))) if lines)
+
+
 def skipped_section(ours, base=None):
     """Every skipped benchmark of each model, with the reason and the path looked at, and the sets that lost single
     unreadable images; under a heading per model when there are two."""
-    if base is None:
-        return "\n".join(skipped_lines(ours))
-    parts = [f"**{who}**\n\n" + "\n".join(lines) for who, lines in (("Ours", skipped_lines(ours)),
-                                                                    ("Base", skipped_lines(base))) if lines]
-    return "\n\n".join(parts)
+    return per_model(ours, base, skipped_lines)
+
+
+def flagged_lines(res):
+    """The sets whose images cover fewer classes than the set has, and the webdataset copies whose classnames.txt
+    differs from our class names (where each difference is)."""
+    lines = []
+    for n, r in res["zeroshot"].items():
+        if r.get("incomplete"):
+            lines.append(f"- {BENCHMARKS[n].title}: {r['incomplete']} ({r['path']})")
+        if r.get("classnames_differ") or r.get("classnames_reordered"):
+            diffs = ", ".join(f"label {d['label']}: {d['copy']!r} (ours {d['ours']!r})"
+                              for d in r.get("classnames_differ", []))
+            lines.append(f"- {BENCHMARKS[n].title}: {r['classnames']}" + (f": {diffs}" if diffs else ""))
+    return lines
+
+
+def models_section(ours, base=None):
+    """Which checkpoint each column is, with the architecture it was read as."""
+    rows = []
+    for res, default in ((ours, "Ours"), (base, "Base")):
+        if res is not None:
+            cfg = json.dumps(res.get("config"), separators=(",", ":")) if res.get("config") else "—"
+            rows.append(f"| {label_of(res, default)} | `{res.get('checkpoint', '—')}` | `{cfg}` |")
+    return "\n".join(["| Model | Checkpoint | Config |", "|---|---|---|", *rows])
+
+
+def sources_lines(res):
+    """Where each measured set was read from (a raw folder or a webdataset copy) and which test split that is."""
+    return [f"- {title}: {r['split']} (`{r['path']}`)" for title, r in benchmark_titles(res)
+            if "split" in r and "path" in r and "skipped" not in r]
 
 
 def report_markdown(ours, base=None, comparison=None):
-    """report.md: Table 1, Figure 2's family means and the win count, Table 2, then whatever else was measured."""
-    parts = []
+    """report.md: the models, Table 1, Figure 2's family means and the win count, Table 2, then whatever else was
+    measured, what was flagged or skipped, and which files and splits were read."""
+    lo, lb = labels(ours, base)
+    parts = ["## Models", models_section(ours, base)]
+    if base is not None:
+        parts.append(f"Δ = {lo} − {lb}.")
     if ours["zeroshot"]:
         parts += ["## Zero-shot classification (Table 1)", table1(ours, base), "## Family means (Figure 2)"]
         if comparison is None:
             parts.append("| Family | Top-1 | Top-5 |\n|---|---:|---:|\n" + "\n".join(
                 f"| {fam} | {fmt(v['top1'])} | {fmt(v['top5'])} |" for fam, v in ours["families"].items()))
         else:
-            head = "| Family | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |\n|---|---:|---:|---:|---:|---:|---:|\n"
+            head = (f"| Family | {lo}@1 | {lb}@1 | Δ@1 | {lo}@5 | {lb}@5 | Δ@5 |\n"
+                    "|---|---:|---:|---:|---:|---:|---:|\n")
             cells = lambda v: " | ".join(fmt(v.get(m, {}).get(k), k == "delta")  # noqa: E731
                                          for m in ("top1", "top5") for k in ("ours", "base", "delta"))
             parts.append(head + "\n".join(f"| {fam} | {cells(v)} |" for fam, v in comparison["families"].items()))
-            parts.append(f"Ours vs base: {comparison['summary']}.")
+            parts.append(f"{lo} vs {lb}: {comparison['summary']}.")
         parts += ["## Mean per-class recall (clip_benchmark's `mean_per_class_recall`)", recall_table(ours, base)]
     if ours["retrieval"]:
         parts += ["## Retrieval (Table 2)", table2(ours, base)]
     if ours.get("synthetic"):
         parts += ["## Synthetic world (CPU demo)", synthetic_table(ours, base)]
     if ours.get("nights"):
-        parts += ["## NIGHTS 2AFC", nights_section(ours, comparison)]
+        parts += ["## NIGHTS 2AFC", nights_section(ours, comparison, base)]
     if ours.get("probes"):
         parts += ["## Perceptual probes", "```json\n" + json.dumps(ours["probes"], indent=1) + "\n```"]
+    flagged = per_model(ours, base, flagged_lines)
+    if flagged:
+        parts += ["## Flagged: classes without images, class names that differ from a webdataset copy's", flagged]
     gone = skipped_section(ours, base)
     if gone:
         parts += ["## Skipped (files not found, unreadable or failed)", gone]
+    read = per_model(ours, base, sources_lines)
+    if read:
+        parts += ["## Files and test splits read", read]
     return "\n\n".join(parts) + "\n"
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1265,6 +1588,18 @@ def run_checkpoints(run_dir):
         if m:
             out.append((int(m.group(1)), os.path.join(run_dir, f)))
     return sorted(out)
+
+
+def short_labels(paths, min_parts=1):
+    """Names that tell the paths apart: the fewest trailing parts (at least min_parts) that differ for all of them.
+    s0/pi, s1/pi -> "s0/pi", "s1/pi"; runs/pi/epoch_32.pt, runs/base/epoch_32.pt (min_parts 2) -> "pi/epoch_32.pt",
+    "base/epoch_32.pt". The same path twice keeps its whole name."""
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    for k in range(min_parts, max(map(len, parts)) + 1):
+        tails = ["/".join(p[-k:]) for p in parts]
+        if len(set(tails)) == len(tails):
+            return tails
+    return ["/".join(p) for p in parts]
 
 
 def scaling_rows(res, epoch, samples, path):
@@ -1282,33 +1617,45 @@ def scaling_rows(res, epoch, samples, path):
     return row
 
 
+SCALING_KEYS = ("run", "epoch", "samples_seen", "checkpoint")  # the columns of scaling.csv that are not curves
+
+
 def write_scaling(rows, out_dir):
-    """scaling.csv (one row per run and checkpoint), scaling_fit.json (a, β per run and curve) and scaling.png
-    (Figures 3-4: log-log, every run on the same axes) when matplotlib, a dev requirement, is installed."""
+    """scaling.csv (one row per run and checkpoint; `run` names each run by its path), scaling_fit.json (a, β of
+    each run's own fit per curve: "<curve>" for one run, "<run>: <curve>" for several) and scaling.png (Figures 3-4:
+    log-log, every run on the same axes)."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    with open(os.path.join(out_dir, "scaling.csv"), "w", newline="") as f:
+    csv_path = os.path.join(out_dir, "scaling.csv")
+    with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    curves = [c for c in cols if c not in ("run", "epoch", "samples_seen", "checkpoint")]
+    curves = [c for c in cols if c not in SCALING_KEYS]
     runs = list(dict.fromkeys(r.get("run", "") for r in rows))
     fits, drawn = {}, []
     for c in curves:
-        for run in runs:  # keys: the curve's name for one run, "<run>: <curve>" for several
+        for run in runs:  # each run its own fit: the runs share the figure's axes, never a fit
             pts = [(r["samples_seen"], r[c]) for r in rows if r.get("run", "") == run and r.get(c) is not None]
             fits[c if len(runs) == 1 else f"{run}: {c}"] = fit = fit_power_law(*zip(*pts)) if pts else None
             if fit and (c.endswith("top1") or c.endswith("_r1")) and c not in drawn:  # the paper's panels
                 drawn.append(c)
     with open(os.path.join(out_dir, "scaling_fit.json"), "w") as f:
         json.dump(fits, f, indent=1)
-    try:
-        import plots  # matplotlib is for figures only: without it the CSV and the fits still come out
-    except ImportError as e:
-        print(f"no scaling.png ({e}); pip install -r requirements-dev.txt to draw it")
-        return fits
     if drawn:
-        plots.plot_scaling(rows, os.path.join(out_dir, "scaling.png"), curves=drawn)
+        draw_scaling(csv_path, os.path.join(out_dir, "scaling.png"), drawn)
     return fits
+
+
+def draw_scaling(csv_path, png, curves):
+    """scaling.png, drawn by `python plots.py scaling` from the CSV just written. plots.py imports fit_power_law from
+    this file, and this file never imports plots.py (nor matplotlib, a dev requirement): without matplotlib the CSV
+    and the fits still come out."""
+    cmd = [sys.executable, os.path.join(HERE, "plots.py"), "scaling", csv_path, "--out", png,
+           "--curves", ",".join(curves)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["plots.py failed"])[-1]
+        print(f"no scaling.png ({why}); pip install -r requirements-dev.txt to draw it")
 
 # -----------------------------------------------------------------------------------------------------------------
 # 10. Command line
@@ -1332,15 +1679,37 @@ def fingerprint(path, *extra):
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
+def n_measured(res):
+    """How many benchmarks of one model's results have a number, not a skip."""
+    if not res:
+        return 0
+    syn = res.get("synthetic") or {}
+    counts = [sum("top1" in r for r in res["zeroshot"].values()), sum("i2t_r1" in r for r in res["retrieval"].values()),
+              sum("2afc" in r for r in nights_splits(res).values()),
+              sum("top1" in r for r in (syn.get("zeroshot") or {}).values()), "i2t_r1" in (syn.get("retrieval") or {}),
+              sum("skipped" not in r for r in (res.get("probes") or {}).values())]
+    return sum(counts)
+
+
+def nothing_measured(res, what):
+    """The one line evaluate.py exits with when a model's run measured nothing (a typo in --data-root, say)."""
+    gone = [f"{title}: {r['skipped']} ({r['path']})" for title, r in benchmark_titles(res) if "skipped" in r]
+    why = f"all {len(gone)} benchmarks were skipped, e.g. {gone[0]}" if gone else "no benchmark was asked for"
+    return f"evaluate.py: nothing was measured for {what}: {why}; no results written"
+
+
 class ResultsFile:
-    """results.json ({"ours", "base", "comparison"}), rewritten whole after every benchmark through a temporary file
-    and a rename, so a killed evaluation leaves the numbers it had measured and never a half-written file."""
+    """results.json ({"ours", "base", "comparison"}, each model with its label, checkpoint and config), rewritten
+    whole after every benchmark through a temporary file and a rename, so a killed evaluation leaves the numbers it
+    had measured and never a half-written file. Nothing is written until something has been measured."""
 
     def __init__(self, path):
         self.path, self.content = path, {"ours": None, "base": None, "comparison": None}
 
     def update(self, **parts):
         self.content.update(parts)
+        if not n_measured(self.content["ours"]):
+            return
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.content, f, indent=1)
@@ -1350,9 +1719,28 @@ class ResultsFile:
         self.update(**{key: {**header, **res}})
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def refuse_to_overwrite(out, names, overwrite):
+    """Exit at once, before any model is loaded, if an earlier evaluation's results are in --out (as the training
+    scripts refuse to overwrite a run); --overwrite replaces them."""
+    there = [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n))]
+    if there and not overwrite:
+        raise SystemExit(f"evaluate.py: {there[0]} exists (an earlier evaluation); give another --out, or --overwrite "
+                         "to replace it")
+
+
+def read_base_results(path):
+    """An earlier run's results.json given to --compare: its "ours" (or the whole file, for a bare results dict)."""
+    with open(path, encoding="utf-8") as f:
+        res = json.load(f)
+    res = res.get("ours", res) if isinstance(res, dict) else None
+    if not isinstance(res, dict) or "zeroshot" not in res:
+        raise SystemExit(f"evaluate.py: --compare {path} is not an evaluate.py results.json")
+    return res
+
+
+def build_parser():
+    """The command line; --help prints this file's docstring (examples, layout) and every default."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", help="plain state dict (torch.save(model.state_dict())) of the model to evaluate")
     p.add_argument("--model", type=preset_name,
                    help=f"architecture preset, one of {', '.join(MODEL_PRESETS)}, for a checkpoint without a recorded "
@@ -1361,77 +1749,115 @@ def main(argv=None):
     add_renamed(p, "--config-json", "--config", "config")
     p.add_argument("--merges", help="BPE merges file (bpe_simple_vocab_16e6.txt.gz format) the model was trained with")
     p.add_argument("--data-root", default="data",
-                   help="one folder per dataset, see the layout in this file's docstring")
+                   help="one folder per dataset, or its webdataset copy wds_<name>, as the layout above")
     p.add_argument("--datasets", default="all", help=f"'all' or a comma list of: {', '.join(BENCHMARKS)}")
     p.add_argument("--retrieval", default="flickr30k,coco", help="comma list of: flickr30k, coco ('' for none)")
+    p.add_argument("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
+                   help="captions scored per retrieval image, the first ones in the file (0: all of them, as "
+                        "clip_benchmark). 5 is the Karpathy test splits' protocol of the CLIP and PI papers: 25,000 "
+                        "captions for COCO 5k, whose JSON has 25,010")
     p.add_argument("--nights", help="NIGHTS root (data.csv, ref/, distort/) for 2AFC on val / test splits")
-    p.add_argument("--probes", default="", help=f"'all' or a comma list of: {', '.join(PROBES)}")
+    p.add_argument("--probes", help=f"'all' or a comma list of: {', '.join(PROBES)} (none by default)")
     p.add_argument("--synthetic", help="root of a synthetic_world.py world (demo): its zero-shot tasks, retrieval "
                                        "and, unless --nights is given, its NIGHTS stand-in")
     p.add_argument("--out", default="results", help="folder for results.json, report.md, scaling.csv")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier evaluation in --out (without it, evaluate.py refuses)")
     p.add_argument("--compare", help="base model: a checkpoint (evaluated the same way) or an earlier results.json")
     p.add_argument("--scaling", help="run folder(s), comma-separated, with per-epoch checkpoints (epoch_N.pt): "
-                                     "Figures 3-4")
+                                     "Figures 3-4; each run is named by its path and fitted on its own")
     p.add_argument("--samples-per-epoch", type=int, help="training pairs per epoch (with --scaling)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs (bf16 autocast on a GPU)")
     p.add_argument("--download", action="store_true", help="let torchvision download the sets it can")
     p.add_argument("--no-cache", action="store_true", help="do not keep text classifiers in <out>/cache")
-    args = p.parse_args(argv)
+    return p
 
-    datasets = parse_names(args.datasets, list(BENCHMARKS), "dataset")
-    retrieval = parse_names(args.retrieval, list(RETRIEVAL), "retrieval benchmark")
-    probes = parse_names(args.probes, list(PROBES), "probe")
+
+def parse_args(argv):
+    p = build_parser()
+    args = p.parse_args(argv)
     if not args.checkpoint and not args.scaling:
         p.error("give --checkpoint (and/or --scaling RUN_DIR)")
     if args.scaling and not args.samples_per_epoch:
         p.error("--scaling needs --samples-per-epoch (training pairs per epoch) to place checkpoints on the x axis")
+    if args.captions_per_image < 0:
+        p.error("--captions-per-image must be >= 0 (0: all)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    datasets = parse_names(args.datasets, list(BENCHMARKS), "dataset")
+    retrieval = parse_names(args.retrieval, list(RETRIEVAL), "retrieval benchmark")
+    probes = parse_names(args.probes, list(PROBES), "probe")
+    refuse_to_overwrite(args.out, (["results.json", "report.md"] if args.checkpoint else [])
+                        + (["scaling.csv", "scaling_fit.json"] if args.scaling else []), args.overwrite)
+    runs = {d: run_checkpoints(d) for d in args.scaling.split(",")} if args.scaling else {}
+    for run_dir, checkpoints in runs.items():  # all of them checked before hours of evaluation
+        if not checkpoints:
+            raise SystemExit(f"evaluate.py: --scaling {run_dir} has no per-epoch checkpoints (epoch_N.pt)")
+    base = read_base_results(args.compare) if args.compare and args.compare.endswith(".json") else None
     if args.synthetic and not args.nights:
         args.nights = os.path.join(args.synthetic, "nights")
     os.makedirs(args.out, exist_ok=True)
     tokenizer = data.Tokenizer(args.merges)
     cache_dir = None if args.no_cache else os.path.join(args.out, "cache")
 
-    def run(checkpoint, what, results=None, key=None):
-        print(f"== {what}: {checkpoint}")
+    def run(checkpoint, label, results=None, key=None):
+        print(f"== {label}: {checkpoint}")
         model = load_model(checkpoint, args.model, args.config, args.device)
         tag = fingerprint(checkpoint, os.path.abspath(args.merges) if args.merges else None, asdict(model.config))
-        header = {"checkpoint": os.path.abspath(checkpoint), "config": asdict(model.config)}
+        header = {"label": label, "checkpoint": os.path.abspath(checkpoint), "config": asdict(model.config)}
         res = evaluate(model, tokenizer, args.data_root, datasets=datasets, retrieval=retrieval, nights=args.nights,
                        probes=probes, synthetic=args.synthetic, batch_size=args.batch_size, workers=args.workers,
                        cache_dir=cache_dir, cache_tag=tag, download=args.download,
+                       captions_per_image=args.captions_per_image,
                        on_result=functools.partial(results.progress, key, header) if results else None)
         return {**header, **res}
 
     if args.checkpoint:
-        results = ResultsFile(os.path.join(args.out, "results.json"))
-        ours = run(args.checkpoint, "ours", results, "ours")
-        base = comparison = None
-        if args.compare:
-            if args.compare.endswith(".json"):
-                with open(args.compare, encoding="utf-8") as f:
-                    base = json.load(f)
-                base = base.get("ours", base)
-            else:
-                base = run(args.compare, "base", results, "base")
-            comparison = compare(ours, base)
-        results.update(ours=ours, base=base, comparison=comparison)
-        md = report_markdown(ours, base, comparison)
-        with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
-            f.write(md)
-        print(md)
-        if comparison and ours["zeroshot"]:
-            print(comparison["summary"])
+        compare_with(args, run, base)
     if args.scaling:
-        rows = []
-        for run_dir in args.scaling.split(","):  # several runs (PI, baseline) share the figure's axes
-            for epoch, path in run_checkpoints(run_dir):
-                res = run(path, f"{run_dir} epoch {epoch}")
-                rows.append({"run": os.path.basename(os.path.normpath(run_dir)),
-                             **scaling_rows(res, epoch, epoch * args.samples_per_epoch, path)})
-        fits = write_scaling(rows, args.out)
-        print("power-law exponents β:", json.dumps({k: (v or {}).get("beta") for k, v in fits.items()}, indent=1))
+        scaling(args, run, runs)
+
+
+def compare_with(args, run, base):
+    """--checkpoint (and --compare): results.json, report.md; the models named by their checkpoints' paths."""
+    paths = [args.checkpoint] + ([base.get("checkpoint", args.compare) if base else args.compare]
+                                 if args.compare else [])
+    names = short_labels(paths, min_parts=2)
+    results = ResultsFile(os.path.join(args.out, "results.json"))
+    ours = run(args.checkpoint, names[0], results, "ours")
+    if not n_measured(ours):
+        raise SystemExit(nothing_measured(ours, args.checkpoint))
+    comparison = None
+    if args.compare:
+        base = {**base, "label": names[1]} if base else run(args.compare, names[1], results, "base")
+        comparison = compare(ours, base)
+    results.update(ours=ours, base=base, comparison=comparison)
+    md = report_markdown(ours, base, comparison)
+    with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    print(md)
+    if comparison and ours["zeroshot"]:
+        print(f"{names[0]} vs {names[1]}: {comparison['summary']}")
+
+
+def scaling(args, run, runs):
+    """--scaling: every checkpoint of each run (named by its path), scaling.csv, each run's own fits, scaling.png."""
+    rows = []
+    for run_dir, label in zip(runs, short_labels(list(runs))):  # several runs (PI, baseline) share the figure's axes
+        for epoch, path in runs[run_dir]:
+            res = run(path, f"{label} epoch {epoch}")
+            rows.append({"run": label, **scaling_rows(res, epoch, epoch * args.samples_per_epoch, path)})
+    if not any(v is not None for r in rows for k, v in r.items() if k not in SCALING_KEYS):
+        raise SystemExit(f"evaluate.py: nothing was measured for any checkpoint of {args.scaling}; "
+                         "no scaling.csv written")
+    fits = write_scaling(rows, args.out)
+    print("power-law exponents β:", json.dumps({k: (v or {}).get("beta") for k, v in fits.items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python plots.py scaling results/scaling.csv --out scaling.png     # evaluate.py --scaling also draws it
 
 The only file that imports matplotlib (a dev requirement): the training and evaluation scripts need just the five
-runtime packages, and evaluate.py imports this module only when it draws.
+runtime packages. The power-law fit lives in evaluate.py and is imported from there; evaluate.py never imports this
+file (it runs `plots.py scaling` on the CSV it wrote), so the two do not import each other.
 """
 import argparse
 import csv
@@ -129,6 +130,7 @@ def main(argv=None):
     s = sub.add_parser("scaling", help="accuracy against samples seen, log-log, with power-law fits")
     s.add_argument("csv", help="scaling.csv written by evaluate.py --scaling")
     s.add_argument("--out", default="scaling.png")
+    s.add_argument("--curves", help="comma list of the CSV's curves to draw (default: every curve)")
     args = p.parse_args(argv)
     if args.what == "curves":
         labels = args.labels.split(",") if args.labels else None
@@ -136,7 +138,8 @@ def main(argv=None):
             p.error(f"--labels has {len(labels)} names for {len(args.logs)} logs")
         print("wrote", plot_curves(args.logs, args.out, labels))
     else:
-        print("wrote", plot_scaling(read_scaling_csv(args.csv), args.out))
+        curves = args.curves.split(",") if args.curves else None
+        print("wrote", plot_scaling(read_scaling_csv(args.csv), args.out, curves=curves))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """evaluate.py: metrics against hand-computed values, the zero-shot classifier against a direct computation and
 against open_clip holding the same weights, and the CLI end to end on tiny fake datasets (no network)."""
+import csv
+import io
 import json
 import math
 import os
@@ -224,11 +226,11 @@ def test_readers_label_the_non_torchvision_layouts(tmp_path):
             "000002": ["Truck 0 0 0 1 2 3 4 1 1 1 0 0 45.0 0"], "000003": ["Cyclist 0 0 0 1 2 3 4 1 1 1 0 0 3.0 0"]}
     for i, r in rows.items():
         _touch(str(k / f"{i}.txt"), "\n".join(r) + "\n")
-    ds, _, note = ev.build_dataset("kitti_closest_vehicle_distance", str(tmp_path / "kitti"), tf)
-    assert [y for _, y in ds.items] == [0, 1, 2, 3] and "not VTAB" in note
+    ds, _, info = ev.build_dataset("kitti_closest_vehicle_distance", str(tmp_path / "kitti"), tf)
+    assert [y for _, y in ds.items] == [0, 1, 2, 3] and "not VTAB" in info["split"]
     _touch(str(tmp_path / "kitti/test_ids.txt"), "000002\n000001\n")
-    ds, _, note = ev.build_dataset("kitti_closest_vehicle_distance", str(tmp_path / "kitti"), tf)
-    assert [y for _, y in ds.items] == [2, 1] and "test_ids" in note
+    ds, _, info = ev.build_dataset("kitti_closest_vehicle_distance", str(tmp_path / "kitti"), tf)
+    assert [y for _, y in ds.items] == [2, 1] and "test_ids" in info["split"]
     # VOC 2007: one crop per annotated object of the test images
     v = tmp_path / "voc2007/VOCdevkit/VOC2007"
     _touch(str(v / "ImageSets/Main/test.txt"), "000001\n")
@@ -239,9 +241,15 @@ def test_readers_label_the_non_torchvision_layouts(tmp_path):
     ds, classes, _ = ev.build_dataset("voc2007", str(tmp_path / "voc2007"), tf)
     assert [(y, box) for _, y, box in ds.items] == [(classes.index("dog"), [1, 2, 30, 40]), (19, [5, 2, 30, 40])]
     # Caltech-101: 102 folders in case-sensitive order; the first 30 images of a class are VTAB's train share
+    cal = tmp_path / "caltech101/101_ObjectCategories"
     for d, n in (("BACKGROUND_Google", 31), ("Faces", 32), ("accordion", 30)):
         for i in range(n):
-            _touch(str(tmp_path / f"caltech101/101_ObjectCategories/{d}/image_{i:04d}.jpg"))
+            _touch(str(cal / f"{d}/image_{i:04d}.jpg"))
+    for i in range(98):  # the other classes, after these in case-sensitive order
+        (cal / f"z_{i:02d}").mkdir()
+    with pytest.raises(ValueError, match="has 101 class folders, Caltech-101 102"):  # a partial copy: labels would shift
+        ev.build_dataset("caltech101", str(tmp_path / "caltech101"), tf)
+    (cal / "z_98").mkdir()
     ds, classes, _ = ev.build_dataset("caltech101", str(tmp_path / "caltech101"), tf)
     assert [(os.path.basename(p), y) for p, y in ds.items] == [("image_0030.jpg", 0), ("image_0030.jpg", 1),
                                                                 ("image_0031.jpg", 1)]
@@ -341,13 +349,15 @@ def test_zero_shot_eval_same_accuracy_as_open_clip_with_same_weights(tmp_path):
     tok, tf = CharTokenizer(), data.eval_transform(cfg.image_size)
     r_ours = ev.zero_shot_eval(ours, tok, "imagenet-a", root, workers=0, batch_size=5)
     r_oc = ev.zero_shot_eval(oc, tok, "imagenet-a", root, transform=tf, workers=0, batch_size=5)
-    # reference: open_clip's model, written out by hand (images one by one, classifier per class)
-    names = ev.imagenet_names()
+    # reference: open_clip's model, written out by hand (images one by one, classifier per class); all 200 of
+    # ImageNet-A's classes are candidates, whichever folders are there (WNIDS are its first three)
+    names, all_wnids = ev.imagenet_names(), ev.set_wnids("imagenet-a")
     templates = ev.prompts()["imagenet-a"]["templates"]
+    assert all_wnids[:3] == WNIDS and len(all_wnids) == 200
     with torch.no_grad():
         clf = torch.stack([F.normalize(F.normalize(oc.encode_text(tok([t.format(c=names[w]) for t in templates],
                                                                        context_length=oc.context_length)),
-                                                   dim=-1).mean(0), dim=0) for w in WNIDS], 1)
+                                                   dim=-1).mean(0), dim=0) for w in all_wnids], 1)
         logits, labels = [], []
         for j, w in enumerate(WNIDS):
             for f in sorted(os.listdir(os.path.join(root, w))):
@@ -356,8 +366,10 @@ def test_zero_shot_eval_same_accuracy_as_open_clip_with_same_weights(tmp_path):
                 labels.append(j)
     logits, labels = torch.cat(logits), torch.tensor(labels)
     ref_top1 = 100 * (logits.argmax(1) == labels).float().mean().item()
-    assert r_ours["n"] == r_oc["n"] == 12 and r_ours["n_classes"] == 3 and r_ours["top5"] is None
+    ref_top5 = 100 * (logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    assert r_ours["n"] == r_oc["n"] == 12 and r_ours["n_classes"] == 200 and r_ours["n_classes_with_images"] == 3
     assert r_ours["top1"] == pytest.approx(ref_top1) and r_oc["top1"] == pytest.approx(ref_top1)
+    assert r_ours["top5"] == pytest.approx(ref_top5) and r_oc["top5"] == pytest.approx(ref_top5)
     # the two models agree on the features, not just on the accuracy
     x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     with torch.no_grad():
@@ -529,6 +541,39 @@ def _nights(root):
         w.writerows(rows)
 
 
+def _images(n, seed, size=24):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(np.clip(rng.integers(0, 255, 3) + rng.normal(0, 40, (size, size, 3)), 0, 255)
+                            .astype(np.uint8)) for _ in range(n)]
+
+
+def _wds_copy(folder, samples, classnames=None, templates=None, dataset_type=None, shards=2):
+    """A webdataset copy as clip_benchmark's exporter writes one (clip_benchmark/webdataset_builder.py, with
+    webdataset's TarWriter): test/0.tar ... holding samples s0000000 ... of an image (webp, png and jpg in turn) and
+    its `cls` label, or its captions in `txt`, one per line; test/nshards.txt, classnames.txt,
+    zeroshot_classification_templates.txt, dataset_type.txt. samples: [(PIL image, label or [captions])]."""
+    wds = pytest.importorskip("webdataset")
+    os.makedirs(os.path.join(folder, "test"))
+    per = math.ceil(len(samples) / shards)
+    for k in range(shards):
+        with wds.TarWriter(os.path.join(folder, "test", f"{k}.tar")) as sink:
+            for i in range(k * per, min(len(samples), (k + 1) * per)):
+                image, target = samples[i]
+                ext = ("webp", "png", "jpg")[i % 3]
+                buf = io.BytesIO()
+                image.save(buf, **{"webp": dict(format="webp", lossless=True), "png": dict(format="png"),
+                                   "jpg": dict(format="jpeg")}[ext])
+                field = {"cls": target} if isinstance(target, int) else {"txt": "\n".join(target)}
+                sink.write({"__key__": "s%07d" % i, ext: buf.getvalue(), **field})
+    lines = {"test/nshards.txt": [str(shards)], "classnames.txt": classnames,
+             "zeroshot_classification_templates.txt": templates, "dataset_type.txt": dataset_type and [dataset_type]}
+    for name, rows in lines.items():
+        if rows:
+            with open(os.path.join(folder, name), "w") as f:
+                print(*rows, sep="\n", end="\n", file=f)  # as the exporter prints them
+    return str(folder)
+
+
 def test_cli_end_to_end_with_compare_and_skips(tmp_path):
     merges, cfg, vocab = _tokenizer_files(tmp_path)
     root = tmp_path / "data"
@@ -545,12 +590,16 @@ def test_cli_end_to_end_with_compare_and_skips(tmp_path):
              "--workers", "0", "--device", "cpu", "--batch-size", "4"])
     res = json.loads((out / "results.json").read_text())
     ours, base, comp = res["ours"], res["base"], res["comparison"]
-    za = ours["zeroshot"]["imagenet-a"]
-    assert za["n"] == 9 and za["n_classes"] == 3 and 0 <= za["top1"] <= 100 and za["top5"] is None
+    za = ours["zeroshot"]["imagenet-a"]  # 3 of ImageNet-A's 200 class folders: still the 200-way task, flagged
+    assert za["n"] == 9 and za["n_classes"] == 200 and za["n_classes_with_images"] == 3 and 0 <= za["top1"] <= 100
+    assert "only 3 of the 200 classes have images" in za["incomplete"] and za["split"] == "test"
+    assert za["path"] == str(root / "imagenet-a")
     assert ours["zeroshot"]["cifar10"] == {"skipped": "missing", "path": str(root / "cifar10")}
     assert ours["zeroshot"]["imagenet-o"]["skipped"].startswith("no images found")
     fl = ours["retrieval"]["flickr30k"]
     assert fl["n_images"] == 3 and fl["n_texts"] == 15  # the train image is left out, 5 captions kept per image
+    assert fl["captions_per_image"] == 5 and fl["n_texts_in_files"] == 16  # image 0 has 6
+    assert fl["split"] == "Karpathy test split" and fl["path"].endswith("dataset_flickr30k.json")
     assert fl["i2t_r10"] == 100.0 and fl["t2i_r10"] == 100.0  # 3 images: everything is within the top 10
     assert ours["retrieval"]["coco"]["skipped"].startswith("missing")
     assert ours["families"]["ImageNet OOD"]["top1"] == pytest.approx(za["top1"])
@@ -565,12 +614,21 @@ def test_cli_end_to_end_with_compare_and_skips(tmp_path):
     assert ours["nights"]["test"]["n"] == 3
     n = comp["nights"]["val"]  # NIGHTS 2AFC is compared too
     assert n["delta"] == pytest.approx(ours["nights"]["val"]["2afc"] - base["nights"]["val"]["2afc"])
+    # the models are named by their checkpoints, with the configs they were read as
+    lo, lb = f"{tmp_path.name}/ours.pt", f"{tmp_path.name}/base.pt"
+    assert (ours["label"], base["label"]) == (lo, lb) and ours["config"]["vocab_size"] == vocab
     md = (out / "report.md").read_text()
+    assert f"| {lo} | `{tmp_path / 'ours.pt'}` | `{{" in md and f"| {lb} | `{tmp_path / 'base.pt'}` |" in md
+    assert '"vocab_size":%d' % vocab in md and f"Δ = {lo} − {lb}." in md and "Ours" not in md
     assert f"- CIFAR-10: missing ({root / 'cifar10'})" in md
     assert "## NIGHTS 2AFC" in md and "| val | 2 |" in md
-    assert "| Dataset | Task | #Test | #Cls | Ours@1 | Base@1 | Δ@1 | Ours@5 | Base@5 | Δ@5 |" in md
-    assert "| ImageNet-A | Visual recog. | 9 | 3 |" in md and "| CIFAR-10 | Visual recog. | — | 10 | skipped |" in md
+    assert f"| Dataset | Task | #Test | #Cls | {lo}@1 | {lb}@1 | Δ@1 | {lo}@5 | {lb}@5 | Δ@5 |" in md
+    assert "| ImageNet-A | Visual recog. | 9 | 200 (3 with images) |" in md
+    assert "| CIFAR-10 | Visual recog. | — | 10 | skipped |" in md
+    assert "- ImageNet-A: only 3 of the 200 classes have images" in md.split("## Flagged")[1]
     assert "Flickr 1K Test I→T R@1" in md and "| Δ |" in md and comp["summary"] in md
+    assert "Flickr 1K Test: 15 captions of 3 images (5 per image; 16 in the files)" in md
+    assert f"- ImageNet-A: test (`{root / 'imagenet-a'}`)" in md.split("## Files and test splits read")[1]
     # the base model's own results.json (its run's "ours") is accepted in place of its checkpoint
     (tmp_path / "base_results.json").write_text(json.dumps({"ours": base}))
     ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config", cfg, "--merges", merges,
@@ -578,6 +636,7 @@ def test_cli_end_to_end_with_compare_and_skips(tmp_path):
              "--compare", str(tmp_path / "base_results.json"), "--workers", "0", "--device", "cpu"])
     res2 = json.loads((tmp_path / "o2" / "results.json").read_text())
     assert res2["comparison"]["datasets"]["imagenet-a"] == comp["datasets"]["imagenet-a"]
+    assert res2["base"]["label"] == lb and res2["ours"]["label"] == lo  # the base named by its recorded checkpoint
 
 
 def test_cli_synthetic_world_with_compare(tmp_path):
@@ -604,25 +663,57 @@ def test_cli_synthetic_world_with_compare(tmp_path):
     assert "## Synthetic world (CPU demo)" in md and "| shape top1 | 10 |" in md and "| retrieval i2t_r1 | 4 |" in md
 
 
-def test_cli_scaling_curves(tmp_path):
+def _wds_mnist(root, n=40, seed=0):
+    """A small MNIST webdataset copy (10 classes, 1 template: cheap to score), labels 0..9 in turn."""
+    p = ev.prompts()["mnist"]
+    return _wds_copy(os.path.join(root, "wds_mnist"), [(im, i % 10) for i, im in enumerate(_images(n, seed))],
+                     classnames=p["classes"], templates=p["templates"])
+
+
+def test_cli_scaling_names_each_run_by_its_path_and_fits_each_on_its_own(tmp_path):
     merges, cfg, vocab = _tokenizer_files(tmp_path)
     root = tmp_path / "data"
-    _imagenet_a(root, per_class=2)
-    run = tmp_path / "run"
-    run.mkdir()
-    for epoch in (1, 2, 4):
-        torch.save(tiny_model(seed=epoch, vocab_size=vocab).state_dict(), run / f"epoch_{epoch}.pt")
+    _wds_mnist(root)
+    runs = []
+    for k, seed in (("s0", 0), ("s1", 1)):  # two seeds of one recipe: both run folders are called "pi"
+        run = tmp_path / k / "pi"
+        run.mkdir(parents=True)
+        for epoch in (1, 2, 4):
+            torch.save(tiny_model(seed=10 * seed + epoch, vocab_size=vocab).state_dict(), run / f"epoch_{epoch}.pt")
+        runs.append(str(run))
     out = tmp_path / "out"
-    ev.main(["--scaling", str(run), "--samples-per-epoch", "1000", "--config", cfg, "--merges", merges,
-             "--data-root", str(root), "--datasets", "imagenet-a", "--retrieval", "", "--out", str(out),
-             "--workers", "0", "--device", "cpu", "--no-cache"])
-    import csv
+    args = ["--scaling", ",".join(runs), "--samples-per-epoch", "1000", "--config", cfg, "--merges", merges,
+            "--data-root", str(root), "--datasets", "mnist", "--retrieval", "", "--out", str(out),
+            "--workers", "0", "--device", "cpu", "--no-cache"]
+    ev.main(args)
     rows = list(csv.DictReader(open(out / "scaling.csv")))
-    assert [int(r["samples_seen"]) for r in rows] == [1000, 2000, 4000]
+    assert [r["run"] for r in rows] == ["s0/pi"] * 3 + ["s1/pi"] * 3
+    assert [int(r["samples_seen"]) for r in rows] == [1000, 2000, 4000] * 2
     fits = json.loads((out / "scaling_fit.json").read_text())
-    accs = [float(r["ImageNet OOD top1"]) for r in rows]
-    want = ev.fit_power_law([1000, 2000, 4000], accs)
-    assert (fits["ImageNet OOD top1"] or {}).get("beta") == (want or {}).get("beta")
+    curve = "Misc. / Domain & Small top1"
+    for label in ("s0/pi", "s1/pi"):  # each run's fit from its own three points only
+        accs = [float(r[curve]) for r in rows if r["run"] == label]
+        assert fits[f"{label}: {curve}"] == ev.fit_power_law([1000, 2000, 4000], accs)
+    assert fits[f"s0/pi: {curve}"] != fits[f"s1/pi: {curve}"]
+    with Image.open(out / "scaling.png") as im:  # drawn by plots.py from scaling.csv
+        assert im.format == "PNG"
+    with pytest.raises(SystemExit, match="scaling.csv exists"):  # an earlier evaluation is never replaced unasked
+        ev.main(args)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="has no per-epoch checkpoints"):
+        ev.main(args[:1] + [str(tmp_path / "empty")] + args[2:] + ["--overwrite"])
+
+
+def test_evaluate_and_plots_do_not_import_each_other():
+    """The power-law fit lives in evaluate.py; plots.py imports it from there, and evaluate.py runs plots.py as a
+    script (draw_scaling) instead of importing it."""
+    import ast
+    tree = ast.parse(open(ev.__file__).read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "plots" not in imported and "matplotlib" not in imported
+    plots_src = open(os.path.join(os.path.dirname(ev.__file__), "plots.py")).read()
+    assert "from evaluate import fit_power_law" in plots_src and "def fit_power_law" not in plots_src
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -670,8 +761,9 @@ def test_bad_files_are_recorded_per_set_and_the_run_goes_on(tmp_path):
     assert res["comparison"]["top1_count"]["win"] + res["comparison"]["top1_count"]["loss"] + \
         res["comparison"]["top1_count"]["tie"] == 1
     md = (out / "report.md").read_text()
-    skipped = md.split("## Skipped")[1]
-    ours_part, base_part = skipped.split("**Base**")
+    skipped = md.split("## Skipped (files not found, unreadable or failed)")[1].split("## Files")[0]
+    assert skipped.startswith(f"\n\n**{tmp_path.name}/ours.pt**")
+    ours_part, base_part = skipped.split(f"**{tmp_path.name}/base.pt**")
     for part in (ours_part, base_part):  # both models' skips are listed
         assert "- CLEVR-Count: none of the 1 images" in part and "- PASCAL VOC 07:" in part
         assert "- KITTI-CVD:" in part and "- Flickr 1K Test:" in part and "- ImageNet-A: 1 unreadable" in part
@@ -723,7 +815,7 @@ def test_classifier_cache_key_covers_the_model_config(tmp_path):
     for config in (cfg, str(quick), cfg):  # one checkpoint read with GELU, with QuickGELU, with GELU again
         ev.main(["--checkpoint", str(tmp_path / "ours.pt"), "--config", config, "--merges", merges,
                  "--data-root", str(root), "--datasets", "imagenet-a", "--retrieval", "", "--out", str(out),
-                 "--workers", "0", "--device", "cpu"])
+                 "--workers", "0", "--device", "cpu", "--overwrite"])
         tops.append(json.loads((out / "results.json").read_text())["ours"]["zeroshot"]["imagenet-a"])
     assert len(list((out / "cache").glob("classifier-*.pt"))) == 2  # one per config; the third run reuses the first
     assert tops[2] == tops[0]
@@ -771,33 +863,270 @@ def test_resisc45_class_names_are_clip_benchmarks(tmp_path):
     assert all(classes[y] == os.path.basename(os.path.dirname(p)) for p, y in ds.items)
 
 
-def test_zero_shot_metrics_match_clip_benchmark(tmp_path):
-    pytest.importorskip("sklearn")  # clip_benchmark's metric module imports it (requirements-dev.txt)
+@pytest.fixture
+def cb_zeroshot(monkeypatch):
+    """clip_benchmark's zero-shot classification module, run as it is under the dev requirements (numpy < 2.4).
+    Under numpy >= 2.4 its top-k `accuracy` fails (float() of a one-element array); there, and only there, its own
+    lines ending in .item() stand in for it, so that the reference still runs."""
+    pytest.importorskip("sklearn")  # its metric module imports it (requirements-dev.txt)
     from clip_benchmark.metrics import zeroshot_classification as cbz
+    if tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 4):
+        def accuracy(output, target, topk=(1,)):
+            pred = output.topk(max(topk), 1, True, True)[1].t()
+            correct = pred.eq(target.view(1, -1).expand_as(pred))
+            return [correct[:k].reshape(-1).float().sum(0, keepdim=True).item() / len(target) for k in topk]
+        monkeypatch.setattr(cbz, "accuracy", accuracy)
+    return cbz
+
+
+def test_zero_shot_metrics_match_clip_benchmark(tmp_path, cb_zeroshot):
     model = tiny_model(seed=4)
     tok = CharTokenizer(context_length=model.context_length)  # clip_benchmark calls tok(texts)
-    wnids = ev.prompts()["_imagenet1k_wnids"][:6]
+    wnids = ev.set_wnids("imagenet-a")[:6]
     for j, w in enumerate(wnids):  # unequal class sizes, so mean per-class recall differs from top-1
         _write_images(str(tmp_path / "imagenet-a" / w), 2 + 2 * j, seed=20 + j)
     ds, classes, _ = ev.build_dataset("imagenet-a", str(tmp_path / "imagenet-a"),
                                       data.eval_transform(model.config.image_size))
+    classes = classes[:6]  # the six classes with images (a random tiny model gets none of 200 right)
     templates = ev.prompts()["imagenet-a"]["templates"][:4]
     ours = ev.zero_shot_on(model, tok, ds, classes, templates, batch_size=7, workers=0)
-    # clip_benchmark's own classifier and logits; its evaluate() then takes top-k and sklearn's balanced accuracy
-    # (its accuracy() helper fails on numpy 2, so those two lines are redone here on its logits)
-    from sklearn.metrics import balanced_accuracy_score
-    clf = cbz.zero_shot_classifier(model, tok, classes, templates, "cpu", amp=False)
-    logits, target = cbz.run_classification(model, clf, torch.utils.data.DataLoader(ds, batch_size=7), "cpu", amp=False)
-    top = logits.topk(5, dim=1).indices
-    assert ours["top1"] == pytest.approx(100 * (top[:, 0] == target).float().mean().item(), abs=1e-4)
-    assert ours["top5"] == pytest.approx(100 * (top == target[:, None]).any(1).float().mean().item(), abs=1e-4)
-    mpcr = balanced_accuracy_score(target.numpy(), logits.argmax(1).numpy())
-    assert ours["mean_per_class_recall"] == pytest.approx(100 * mpcr, abs=1e-4)
+    # clip_benchmark's own evaluate(): its classifier, logits, top-k accuracy and sklearn's balanced accuracy
+    ds.classes = classes  # it reads the class count from dataloader.dataset.classes
+    ref = cb_zeroshot.evaluate(model, torch.utils.data.DataLoader(ds, batch_size=7), tok, classes, templates, "cpu",
+                               amp=False)
+    assert ours["top1"] == pytest.approx(100 * ref["acc1"], abs=1e-4)
+    assert ours["top5"] == pytest.approx(100 * ref["acc5"], abs=1e-4)
+    assert ours["mean_per_class_recall"] == pytest.approx(100 * ref["mean_per_class_recall"], abs=1e-4)
     assert ours["mean_per_class_recall"] != pytest.approx(ours["top1"])
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# clip_benchmark's webdataset copies (wds_<name>/): read with tarfile, scored as clip_benchmark scores them
+
+
+def test_wds_classification_matches_clip_benchmarks_reader_and_metrics(tmp_path, cb_zeroshot):
+    from clip_benchmark.datasets.builder import build_dataset as cb_build_dataset
+    model = tiny_model(seed=5, context_length=77)  # EuroSAT's prompts are long: 32 characters would cut the names
+    tok = CharTokenizer(context_length=model.context_length)
+    p = ev.prompts()["eurosat"]
+    samples = [(im, [0, 3, 3, 7, 9, 1][i % 6]) for i, im in enumerate(_images(31, seed=3))]  # unequal classes
+    root = _wds_copy(tmp_path / "wds_vtab-eurosat", samples, classnames=p["classes"], templates=p["templates"],
+                     shards=3)
+    tf = data.eval_transform(model.config.image_size)
+    # clip_benchmark: webdataset reads the copy (build_wds_dataset), its own classifier, logits and metrics, fp32
+    ref_ds = cb_build_dataset("wds/vtab/eurosat", root=root, transform=tf, split="test", download=False,
+                              task="zeroshot_classification")
+    assert ref_ds.classes == p["classes"] and ref_ds.templates == p["templates"]
+    loader = torch.utils.data.DataLoader(ref_ds.batched(7), batch_size=None)
+    clf = cb_zeroshot.zero_shot_classifier(model, tok, ref_ds.classes, ref_ds.templates, "cpu", amp=False)
+    ref_logits, ref_labels = cb_zeroshot.run_classification(model, clf, loader, "cpu", amp=False)
+    ref = cb_zeroshot.evaluate(model, loader, tok, ref_ds.classes, ref_ds.templates, "cpu", amp=False)
+    # ours: the same files through tarfile
+    ds, classes, info = ev.build_dataset("eurosat", root, tf)
+    logits, labels, unreadable = ev.zero_shot_logits(model, tok, ds, classes, p["templates"], batch_size=7,
+                                                     workers=0)
+    assert classes == p["classes"] and not unreadable and len(labels) == 31
+    assert torch.equal(labels, ref_labels) and torch.equal(logits.argmax(1), ref_logits.argmax(1))
+    top5 = lambda x: x.topk(5, dim=1).indices.sort(dim=1).values  # noqa: E731
+    assert torch.equal(top5(logits), top5(ref_logits))
+    torch.testing.assert_close(logits, ref_logits, atol=5e-5, rtol=0)
+    r = ev.zero_shot_eval(model, tok, "eurosat", root, batch_size=7, workers=0)
+    assert r["top1"] == pytest.approx(100 * ref["acc1"], abs=1e-4)
+    assert r["top5"] == pytest.approx(100 * ref["acc5"], abs=1e-4)
+    assert r["mean_per_class_recall"] == pytest.approx(100 * ref["mean_per_class_recall"], abs=1e-4)
+    assert r["n"] == 31 and r["n_classes"] == 10 and r["n_classes_with_images"] == 5 and "incomplete" in r
+    assert r["split"].startswith("VTAB's test split") and r["layout"] == "webdataset" and r["path"] == root
+    assert info["classnames"] == "ours (the copy's classnames.txt is the same)"
+
+
+def test_wds_retrieval_matches_clip_benchmark_with_every_caption_or_five(tmp_path):
+    from clip_benchmark.datasets.builder import build_dataset as cb_build_dataset
+    from clip_benchmark.metrics import zeroshot_retrieval as zr
+    model = tiny_model(seed=6)
+    tok = CharTokenizer(context_length=model.context_length)
+    tf = data.eval_transform(model.config.image_size)
+    rng = random.Random(0)
+    captions = [[f"{rng.choice(CAPTIONS)} {i} {j}" for j in range(5 + i % 3)] for i in range(12)]  # 5, 6 or 7 each
+    images = _images(12, seed=4)
+    every = _wds_copy(tmp_path / "every" / "wds_flickr30k", list(zip(images, captions)), dataset_type="retrieval")
+    five = _wds_copy(tmp_path / "five" / "wds_flickr30k", [(im, c[:5]) for im, c in zip(images, captions)],
+                     dataset_type="retrieval", shards=3)
+
+    def reference(root):  # clip_benchmark on a copy, every caption in it
+        ds = cb_build_dataset("wds/flickr30k", root=root, transform=tf, split="test", download=False,
+                              task="zeroshot_retrieval")
+        loader = torch.utils.data.DataLoader(ds.batched(5), batch_size=None)
+        return zr.evaluate(model, loader, tok, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    n_all = sum(map(len, captions))
+    for root, per_image, ref_root, n_texts in ((every, 0, every, n_all), (every, 5, five, 60), (five, 5, five, 60)):
+        ours = ev.retrieval_eval(model, tok, root, batch_size=5, workers=0, captions_per_image=per_image)
+        ref = reference(ref_root)
+        for k in (1, 5, 10):  # clip_benchmark: text_retrieval = image queries, image_retrieval = caption queries
+            assert ours[f"i2t_r{k}"] == pytest.approx(100 * ref[f"text_retrieval_recall@{k}"])
+            assert ours[f"t2i_r{k}"] == pytest.approx(100 * ref[f"image_retrieval_recall@{k}"])
+        assert ours["n_images"] == 12 and ours["n_texts"] == n_texts
+        assert ours["captions_per_image"] == (per_image or "all")
+        assert ours["n_texts_in_files"] == (n_all if root == every else 60)
+        assert ours["split"] == "test (as the webdataset copy holds it)" and ours["path"] == root
+
+
+def test_wds_classnames_stay_ours_in_the_copys_label_order_and_differences_are_reported():
+    cb = pytest.importorskip("clip_benchmark.datasets.builder")
+    en = json.load(open(os.path.join(os.path.dirname(cb.__file__), "en_classnames.json")))
+    # Caltech-101's copy comes from TFDS, whose label order is not the folders': its classnames.txt gives the order
+    ours = ev.prompts()["caltech101"]["classes"]
+    classes, note = ev.wds_classnames("caltech101", en["caltech101_vtab"])
+    assert classes == en["caltech101_vtab"] != ours and sorted(classes) == sorted(ours)
+    assert note["classnames_reordered"]
+    # a name spelt differently: ours is kept, the place reported
+    mnist = ev.prompts()["mnist"]["classes"]
+    theirs = [*mnist[:3], "three", *mnist[4:]]
+    classes, note = ev.wds_classnames("mnist", theirs)
+    assert classes == mnist and note["classnames_differ"] == [{"label": 3, "copy": "three", "ours": mnist[3]}]
+    with pytest.raises(ValueError, match="classnames.txt has 9 names, MNIST has 10 classes"):
+        ev.wds_classnames("mnist", mnist[:9])
+    with pytest.raises(ValueError, match="differs from our class names at 10 of 10 places"):
+        ev.wds_classnames("mnist", [f"digit {i}" for i in range(10)])
+    # where ours come from the raw files (torchvision's list), the copy's, with clip_benchmark's Food-101 spaces
+    classes, note = ev.wds_classnames("food101", [f"dish_{i}" for i in range(101)])
+    assert classes[:2] == ["dish 0", "dish 1"] and "copy's classnames.txt" in note["classnames"]
+    # ImageNet-R: ImageNet's names of its 200 wnids, whatever files there are
+    names = ev.imagenet_names()
+    assert ev.our_classnames("imagenet-r") == [names[w] for w in ev.set_wnids("imagenet-r")]
+
+
+def test_wds_bad_samples_are_counted_and_a_damaged_shard_names_itself(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    model, tok = tiny_model(seed=8), CharTokenizer()
+    root = _wds_mnist(tmp_path, n=6)
+    with wds.TarWriter(os.path.join(root, "test", "2.tar")) as sink:  # a third shard: one sample without a label
+        buf = io.BytesIO()
+        _images(1, seed=9)[0].save(buf, format="png")
+        sink.write({"__key__": "s0000006", "png": buf.getvalue()})
+    (tmp_path / "wds_mnist" / "test" / "nshards.txt").write_text("3\n")
+    r = ev.zero_shot_eval(model, tok, "mnist", root, workers=0)
+    assert r["n"] == 6 and r["n_unreadable"] == 1
+    assert "2.tar:s0000006" in r["unreadable"][0] and "no label" in r["unreadable"][0]
+    (tmp_path / "wds_mnist" / "test" / "nshards.txt").write_text("4\n")
+    with pytest.raises(ev.DatasetUnavailable, match="1 of the 4 shards nshards.txt counts are missing"):
+        ev.zero_shot_eval(model, tok, "mnist", root, workers=0)
+    (tmp_path / "wds_mnist" / "test" / "nshards.txt").write_text("3\n")
+    shard = os.path.join(root, "test", "0.tar")
+    import tarfile
+    with tarfile.open(shard) as tar:
+        second = [m for m in tar][2].offset  # where the second sample's first header starts
+    with open(shard, "r+b") as f:  # cut between two samples: tarfile alone would just stop there
+        f.truncate(second)
+    with pytest.raises(ev.DatasetUnavailable, match="0.tar: ReadError: no end-of-archive blocks"):
+        ev.zero_shot_eval(model, tok, "mnist", root, workers=0)
+
+
+def test_partial_imagenet_r_is_scored_over_all_200_classes_and_flagged(tmp_path, cb_zeroshot):
+    from clip_benchmark.datasets.builder import build_dataset as cb_build_dataset
+    model = tiny_model(seed=7, context_length=77)
+    tok = CharTokenizer(context_length=model.context_length)
+    folder = tmp_path / "imagenet-r"
+    for j, w in enumerate(ev.set_wnids("imagenet-r")[:3]):  # 3 of the 200 class folders
+        _write_images(str(folder / w), 3 + j, seed=30 + j)
+    ours = ev.zero_shot_eval(model, tok, "imagenet-r", str(folder), batch_size=5, workers=0)
+    assert ours["n"] == 12 and ours["n_classes"] == 200 and ours["n_classes_with_images"] == 3
+    assert ours["incomplete"].startswith("only 3 of the 200 classes have images")
+    # clip_benchmark keeps all 200 names too; it labels by ImageFolder's index of the folders present, which for the
+    # set's first three wnids is their place in the 200, so here it scores the same task
+    ref_ds = cb_build_dataset("imagenet-r", root=str(folder), transform=data.eval_transform(model.config.image_size),
+                              split="test", download=False, task="zeroshot_classification")
+    assert ref_ds.classes == ev.our_classnames("imagenet-r") and ref_ds.templates == ev.prompts()["imagenet-r"][
+        "templates"]
+    ref = cb_zeroshot.evaluate(model, torch.utils.data.DataLoader(ref_ds, batch_size=5), tok, ref_ds.classes,
+                               ref_ds.templates, "cpu", amp=False)
+    assert ours["top1"] == pytest.approx(100 * ref["acc1"], abs=1e-4)
+    assert ours["top5"] == pytest.approx(100 * ref["acc5"], abs=1e-4)
+    assert ours["mean_per_class_recall"] == pytest.approx(100 * ref["mean_per_class_recall"], abs=1e-4)
+    (folder / "n99999999").mkdir()  # a folder that is none of ImageNet-R's classes is an error, not ignored
+    with pytest.raises(ev.DatasetUnavailable, match="not imagenet-r wnids: n99999999"):
+        ev.zero_shot_eval(model, tok, "imagenet-r", str(folder), workers=0)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# results that stay and say what they are
+
+
+def test_cli_reads_webdataset_copies_first_refuses_to_overwrite_and_fails_when_nothing_was_measured(tmp_path):
+    merges, cfg, vocab = _tokenizer_files(tmp_path)
+    root = tmp_path / "data"
+    _imagenet_a(root, per_class=1)  # the raw folder (3 images) and the copy (4) are both there: the copy is read
+    p = ev.prompts()["imagenet-a"]
+    _wds_copy(root / "wds_imagenet-a", [(im, i % 2) for i, im in enumerate(_images(4, seed=11))],
+              classnames=ev.our_classnames("imagenet-a"), templates=p["templates"])
+    mnist = ev.prompts()["mnist"]
+    _wds_copy(root / "wds_mnist_test", [(im, i % 10) for i, im in enumerate(_images(10, seed=12))],  # DataComp's name
+              classnames=[*mnist["classes"][:3], "three", *mnist["classes"][4:]], templates=mnist["templates"])
+    _wds_copy(root / "wds_flickr30k", [(im, CAPTIONS[i:i + 6]) for i, im in enumerate(_images(2, seed=13))],
+              dataset_type="retrieval")
+    torch.save(tiny_model(seed=1, vocab_size=vocab).state_dict(), tmp_path / "ours.pt")
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(tmp_path / "ours.pt"), "--config", cfg, "--merges", merges, "--data-root", str(root),
+            "--datasets", "imagenet-a,mnist", "--retrieval", "flickr30k", "--out", str(out), "--workers", "0",
+            "--device", "cpu"]
+    ev.main(args)
+    res = json.loads((out / "results.json").read_text())["ours"]
+    za, zm, fl = res["zeroshot"]["imagenet-a"], res["zeroshot"]["mnist"], res["retrieval"]["flickr30k"]
+    assert za["path"] == str(root / "wds_imagenet-a") and za["n"] == 4 and za["layout"] == "webdataset"
+    assert zm["path"] == str(root / "wds_mnist_test") and zm["classnames_differ"][0]["copy"] == "three"
+    assert fl["path"] == str(root / "wds_flickr30k") and fl["n_texts"] == 10 and fl["n_texts_in_files"] == 12
+    md = (out / "report.md").read_text()
+    flagged = md.split("## Flagged")[1].split("## Files")[0]
+    assert "- MNIST: ours; the copy's classnames.txt differs at 1 of 10 places: label 3: 'three' (ours '3')" in flagged
+    assert "- ImageNet-A: only 2 of the 200 classes have images" in flagged
+    read = md.split("## Files and test splits read")[1]
+    assert f"- ImageNet-A: test (as the webdataset copy holds it) (`{root / 'wds_imagenet-a'}`)" in read
+    # a second run into the same --out refuses, before any model is loaded; --overwrite replaces
+    before = (out / "results.json").read_text()
+    with pytest.raises(SystemExit, match=f"{out / 'results.json'} exists .* --overwrite to replace it"):
+        ev.main(args)
+    assert (out / "results.json").read_text() == before
+    ev.main(args + ["--overwrite", "--captions-per-image", "0"])
+    assert json.loads((out / "results.json").read_text())["ours"]["retrieval"]["flickr30k"]["n_texts"] == 12
+    # a typo in --data-root: every set skipped, a non-zero exit with one line, and no results.json
+    typo = args[:args.index("--data-root") + 1] + [str(tmp_path / "dat")] + args[args.index("--data-root") + 2:]
+    typo[typo.index("--out") + 1] = str(tmp_path / "out2")
+    with pytest.raises(SystemExit) as e:
+        ev.main(typo)
+    msg = str(e.value)
+    assert msg.startswith("evaluate.py: nothing was measured for ") and "all 3 benchmarks were skipped" in msg
+    assert "\n" not in msg and not (tmp_path / "out2" / "results.json").exists()
+
+
+def test_help_shows_every_default_the_examples_and_the_layout(capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: data)", "(default: results)", "(default: all)", "(default: flickr30k,coco)",
+                    "(default: 5)", "(default: 256)"):
+        assert default in text, default
+    assert "python evaluate.py --scaling runs/pi,runs/base" in text  # the usage examples
+    assert " ".join(ev.layout_table().split()) in text  # the layout table, webdataset names included
+    undocumented = [a.dest for a in ev.build_parser()._actions if not a.help]
+    assert not undocumented, undocumented
+
+
+def test_report_names_the_models_by_their_checkpoints(tmp_path):
+    assert ev.short_labels(["runs/pi/epoch_32.pt", "runs/base/epoch_32.pt"], min_parts=2) == [
+        "pi/epoch_32.pt", "base/epoch_32.pt"]
+    assert ev.short_labels(["a/s0/pi", "a/s1/pi"]) == ["s0/pi", "s1/pi"]
+    assert ev.short_labels(["x/pi", "y/base"]) == ["pi", "base"]
+    ours, base = _paper_results("ours"), _paper_results("base")
+    ours.update(label="pi/epoch_32.pt", checkpoint="/r/pi/epoch_32.pt", config={"quick_gelu": False})
+    base.update(label="base/epoch_32.pt", checkpoint="/r/base/epoch_32.pt", config={"quick_gelu": True})
+    md = ev.report_markdown(ours, base, ev.compare(ours, base))
+    assert "| pi/epoch_32.pt | `/r/pi/epoch_32.pt` | `{\"quick_gelu\":false}` |" in md
+    assert "| base/epoch_32.pt | `/r/base/epoch_32.pt` | `{\"quick_gelu\":true}` |" in md
+    assert "| Dataset | Task | #Test | #Cls | pi/epoch_32.pt@1 | base/epoch_32.pt@1 | Δ@1 |" in md
+    assert "pi/epoch_32.pt vs base/epoch_32.pt: better on 23 of 29" in md and "Ours" not in md
+
+
 def test_layout_tables_in_docstring_and_readme_are_the_benchmark_table():
-    assert set(ev.BENCHMARKS) <= {line.split()[0] for line in ev.layout_table().splitlines()}
+    assert set(ev.BENCHMARKS) <= {line.split()[0] for line in ev.layout_table().splitlines() if line.strip()}
     assert ev.layout_table() in ev.__doc__
     readme = open(os.path.join(os.path.dirname(ev.__file__), "README.md"), encoding="utf-8").read()
     assert ev.layout_table(markdown=True) in readme
