@@ -37,10 +37,12 @@ from tqdm import tqdm
 
 import data
 from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_renamed, add_run_args, all_ranks_sum,
-                   autocast, check_finite, cleanup_distributed, clip_loss, cosine_lr, load_state_dict_checked,
-                   parse_training_args, preset_config, resume_training_state, resuming, save_checkpoint,
-                   setup_distributed, training_state)
+                   autocast, catch_stop_signals, check_finite, cleanup_distributed, clip_loss, cosine_lr,
+                   default_precision, load_init, parse_training_args, preset_config, print0, report_stop,
+                   restore_signals, resume_training_state, resuming, run_main, save_checkpoint, setup_distributed,
+                   stop_reason, training_state, warn_long_warmup, write_run_record)
 
+SCRIPT = os.path.basename(__file__)
 COUNTS = data.SKIPS + (data.REREAD,)  # the data loaders' counters that log.jsonl reports, summed over ranks
 
 
@@ -193,13 +195,15 @@ def zero_shot_check(model, tokenizer, names, args):
 
 def build_model(args, vocab_size, device):
     """CLIP with the tokenizer's vocabulary and the paper's logit-scale init; with --init, stage 1's vision tower
-    (a checkpoint of another architecture is an error naming the keys)."""
+    (a checkpoint of another architecture is an error naming the keys). Returns the model and what --init loaded
+    (for args.json; None when resuming, which keeps the first start's record)."""
     cfg = preset_config(args.model, vocab_size=vocab_size, logit_scale_init=math.log(args.logit_scale_init),
                         grad_checkpointing=args.grad_checkpointing)
     model = CLIP(cfg)
+    loaded = None if args.resume else {}
     if args.init and not args.resume:
-        load_state_dict_checked(model.visual, args.init, prefix="visual.", what=f"--init {args.init}")
-    return model.to(device)
+        loaded = load_init(model.visual, args.init, "--init", prefix="visual.")
+    return model.to(device), loaded
 
 
 @dataclass
@@ -215,7 +219,7 @@ def start_or_resume(args, model, optimizer, state_path, loader, dist_env):
     """A fresh Progress, or the one state.pt holds (weights and optimiser restored into model and optimizer)."""
     if not args.resume:
         return Progress()
-    state = resume_training_state(state_path, model, optimizer)
+    state = resume_training_state(state_path, model, optimizer, args=args, script=SCRIPT)
     skipped = rank_counts(state.get("skipped", []), dist_env.rank, dist_env.world_size)
     progress = Progress(state["step"], skipped=skipped,
                         last_good=state_path)
@@ -236,7 +240,8 @@ def save_state(state_path, model, optimizer, progress, args, dist_env):
     if dist.is_initialized():
         per_rank = [None] * dist_env.world_size
         dist.all_gather_object(per_rank, mine)
-    state = training_state(model, optimizer, progress.step, skipped=[s for _, s in per_rank], args=vars(args),
+    state = training_state(model, optimizer, progress.step, script=SCRIPT, skipped=[s for _, s in per_rank],
+                           args=vars(args),
                            config=dataclasses.asdict(model.config),
                            data=dict(world_size=dist_env.world_size, workers=args.workers,
                                      positions=[p for p, _ in per_rank]))
@@ -278,7 +283,8 @@ class Meter:
 
 
 def log_step(logger, bar, raw, progress, epoch, loss, lr, meter, args, dist_env):
-    """One log.jsonl line: loss, learning rate, temperature, throughput, data wait, all-rank skip counts."""
+    """One log.jsonl line: loss, learning rate, temperature, throughput, data wait, all-rank skip counts; `epoch` is
+    1-based, as in the epoch lines and epoch_<n>.pt."""
     counts = dict(zip(COUNTS, map(int, all_ranks_sum([progress.skipped[k] for k in COUNTS], dist_env.device))))
     seconds, data_wait = meter.read_and_reset()
     record = dict(step=progress.step, epoch=epoch, samples=progress.step * args.batch_size, loss=loss, lr=lr,
@@ -295,6 +301,7 @@ def end_of_epoch(epoch, raw, optimizer, progress, logger, tokenizer, zeroshot, s
     progress.positions = {}  # the next epoch's streams start from their beginning
     if dist_env.is_main:
         save_checkpoint(raw.state_dict(), os.path.join(args.out, f"epoch_{epoch}.pt"))
+        print0(f"epoch {epoch}: wrote {os.path.join(args.out, f'epoch_{epoch}.pt')}")
         record = dict(epoch=epoch, step=progress.step, samples=progress.step * args.batch_size)
         if zeroshot:
             record["zeroshot"] = zero_shot_check(raw, tokenizer, zeroshot, args)
@@ -311,6 +318,7 @@ def end_of_epoch(epoch, raw, optimizer, progress, logger, tokenizer, zeroshot, s
 def main(argv=None):
     args = get_args(argv)
     dist_env = setup_distributed(timeout_minutes=args.dist_timeout)
+    args.precision = args.precision or default_precision(dist_env.device)  # recorded, and checked by --resume
     amp = autocast(dist_env.device, args.precision)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     if dist_env.device.type == "cuda":
@@ -322,9 +330,9 @@ def main(argv=None):
         zeroshot = evaluate.parse_names(args.zeroshot, evaluate.BENCHMARKS, "--zeroshot set")
 
     state_path = os.path.join(args.out, "state.pt")
-    args.resume = resuming(args.resume, state_path)
+    args.resume = resuming(args.resume, state_path, args, SCRIPT)
     tokenizer = data.Tokenizer(args.merges)
-    raw = build_model(args, tokenizer.vocab_size, dist_env.device)
+    raw, loaded = build_model(args, tokenizer.vocab_size, dist_env.device)
     optimizer = adamw(raw, args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2), eps=args.eps)
     if args.batch_size % (dist_env.world_size * args.accum_steps):
         raise ValueError(f"--batch-size {args.batch_size} must divide into {dist_env.world_size} ranks x "
@@ -347,21 +355,27 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(raw.config), f, indent=1)
+        write_run_record(args.out, SCRIPT, args, loaded)
+        warn_long_warmup(args.warmup_steps, total_steps, "--warmup-steps")
         print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {dist_env.world_size} rank(s); "
               f"{steps_per_epoch} steps/epoch of {args.batch_size} = {loader.samples_per_epoch:,} samples; "
               f"{total_steps} steps")
-    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=dist_env.is_main, resume=args.resume)
+    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=dist_env.is_main, resume=args.resume,
+                         step=progress.step)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not dist_env.is_main, dynamic_ncols=True)
     meter = Meter()
+    catch_stop_signals()  # before the loader's workers start, so that they inherit it; restored in `finally`
     try:
         while progress.step < total_steps:
             epoch = progress.step // steps_per_epoch
             batches = iter(loader.epoch(epoch, progress.step % steps_per_epoch, progress.positions))
             while progress.step < (epoch + 1) * steps_per_epoch:
-                if args.stop_after_steps is not None and progress.step >= args.stop_after_steps:
+                stop = stop_reason(progress.step, args.stop_after_steps, dist_env.device)  # all ranks agree
+                if stop:  # --stop-after-steps reached, or a signal: state.pt, one line, and (signal) Preempted
                     save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args,
                                dist_env=dist_env)
-                    return raw  # a planned, resumable stop
+                    report_stop(stop, progress.step, total_steps, state_path, SCRIPT)
+                    return raw
                 t0 = time.perf_counter()
                 batch = next(batches)
                 meter.wait += time.perf_counter() - t0
@@ -375,7 +389,7 @@ def main(argv=None):
                 bar.update(1)
                 # log and save
                 if progress.step % args.log_every == 0:
-                    log_step(logger, bar, raw, progress, epoch=epoch, loss=loss, lr=lr, meter=meter, args=args,
+                    log_step(logger, bar, raw, progress, epoch=epoch + 1, loss=loss, lr=lr, meter=meter, args=args,
                              dist_env=dist_env)
                 if args.save_every_steps and progress.step % args.save_every_steps == 0 \
                         and progress.step % steps_per_epoch:
@@ -385,9 +399,10 @@ def main(argv=None):
                          state_path=state_path, args=args, dist_env=dist_env)
     finally:
         bar.close()
+        restore_signals()
         cleanup_distributed()
     return raw
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
