@@ -610,7 +610,10 @@ def resuming(resume, state_path, args=None, script=None):
     is an error, so a run is never overwritten by accident. With args and script, a state.pt of another script or
     recipe is refused here, before anything is built (check_resume)."""
     if not resume and os.path.exists(state_path):
-        other = written_by(peek_training_state(state_path)) if script else None
+        try:
+            other = written_by(peek_training_state(state_path)) if script else None
+        except CheckpointError:  # unreadable: it is still not ours to overwrite
+            other = None
         if other and other != script:
             raise FileExistsError(f"{state_path} exists, from a {other} run: choose another --out")
         raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
@@ -628,6 +631,7 @@ PREEMPTED = 75  # exit status after a stop on a signal, state.pt written (sysexi
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SLURM / Kubernetes, SLURM's --signal, Ctrl-C
 _stop = []  # the names of the stop signals this process received
 _previous_handlers = {}
+_main_pid = [None]  # the process that called catch_stop_signals (forked DataLoader workers inherit the handler)
 _command = {"argv": None}  # the command line the run was started with (parse_training_args), for resume_command
 
 
@@ -636,6 +640,8 @@ class Preempted(Exception):
 
 
 def _on_stop_signal(signum, frame):
+    if os.getpid() != _main_pid[0]:
+        return  # a DataLoader worker: the main process decides, the worker goes on reading
     if _stop and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C: stop at once, state.pt as the last save left it
     _stop.append(signal.Signals(signum).name)
@@ -646,9 +652,11 @@ def _on_stop_signal(signum, frame):
 
 def catch_stop_signals():
     """From now until restore_signals(): SIGTERM, SIGUSR1 or Ctrl-C asks the run to stop after its current step
-    (stop_reason). Call it before the DataLoader workers start: forked workers inherit it, so a Ctrl-C, which the
-    terminal sends to every process, leaves them reading."""
+    (stop_reason). Call it before the DataLoader workers start: forked workers inherit the handler, which ignores
+    the signal there, so a Ctrl-C (the terminal sends it to every process) leaves them reading. torch's workers
+    replace the SIGTERM handler with their own, though: see ignore_stop_signals."""
     _stop.clear()
+    _main_pid[0] = os.getpid()
     for sig in STOP_SIGNALS:
         try:
             _previous_handlers[sig] = signal.signal(sig, _on_stop_signal)
@@ -672,12 +680,14 @@ def ignore_stop_signals(*_):
 def stop_reason(step, stop_after_steps, device):
     """Checked by every rank before each optimiser step (it is a collective: the ranks agree, so they stop at the
     same step). None to go on; else "--stop-after-steps" or the signal's name."""
-    asked = torch.tensor([float(bool(_stop))], device=device)
+    asked = bool(_stop)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(asked, op=dist.ReduceOp.MAX)  # one number per step: cheap next to the step's own all-reduces
+        flag = torch.tensor([float(asked)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one number per step: cheap next to the step's own all-reduces
+        asked = bool(flag.item())
     if stop_after_steps is not None and step >= stop_after_steps:
         return "--stop-after-steps"
-    if asked.item():
+    if asked:
         return _stop[0] if _stop else "a signal to another rank"
     return None
 

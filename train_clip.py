@@ -11,9 +11,11 @@ gathers the text features so that every step optimises the exact full-batch loss
 in memory, --accum-steps K embeds it in K chunks and still computes the exact full-batch loss and gradient (the
 gradient cache of Gao et al. 2021, see train_step), so one GPU can reproduce the paper's batch exactly.
 
-Outputs in --out: log.jsonl (one line per --log-every steps), config.json (the CLIPConfig), epoch_<n>.pt (plain
-state dicts, for scaling curves and evaluate.py), state.pt (resumable training state, written atomically every
---save-every-steps steps and at each epoch end; --resume continues from it with the same results as an unbroken run).
+Outputs in --out: log.jsonl (one line per --log-every steps), config.json (the CLIPConfig), args.json (the flags and
+what --init loaded), epoch_<n>.pt (plain state dicts, for scaling curves and evaluate.py), state.pt (resumable
+training state, written atomically every --save-every-steps steps and at each epoch end; --resume continues from it
+with the same results as an unbroken run, and refuses another recipe). SIGTERM, SIGUSR1 or Ctrl-C stop the run after
+its current step with state.pt written, and exit with status 75 (model.PREEMPTED).
 
 The images travel as uint8 crops (data.py's workers decode, crop and flip) with each sample's photometric parameters;
 the §3.4 colour jitter, grayscale, blur and the CLIP normalisation run batched on the training device, chunk by

@@ -7,8 +7,9 @@ frozen at their random initialisation; stage 2 (train_clip.py --init nights.pt) 
     torchrun --standalone --nproc_per_node 6 train_nights.py --data ... --out ...  # DDP, same results per step
     python train_nights.py ... --resume                                             # continue a run that died
 
-Writes into --out: config.json (the CLIPConfig), log.jsonl (one line per epoch), state.pt (everything --resume
-needs), last.pt and best.pt (plain CLIP state dicts of the last / best-validation epoch) and nights.pt (the result:
+Writes into --out: config.json (the CLIPConfig), args.json (the flags), log.jsonl (one line per epoch, 2AFC in
+percent), state.pt (everything --resume needs; a signal stops the run after its step with it written, exit status
+75), last.pt and best.pt (plain CLIP state dicts of the last / best-validation epoch) and nights.pt (the result:
 a plain CLIP state dict, loadable by CLIP and by train_clip.py --init).
 
 The training loop here (`train`, `evaluate`) is shared with finetune_qkv.py, which only changes what is trainable

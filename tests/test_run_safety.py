@@ -261,6 +261,25 @@ def test_sigterm_mid_epoch_saves_the_step_reached_and_resumes_bit_identical(tar_
         assert same_weights(load_checkpoint(os.path.join(full, name)), load_checkpoint(os.path.join(cut, name)))
 
 
+@pytest.mark.filterwarnings("ignore:.*unexpected end of data")
+def test_ctrl_c_to_the_whole_process_group_stops_cleanly(tar_run, tmp_path):
+    """A terminal sends Ctrl-C to every process of the job, DataLoader workers included: they go on reading, the
+    main process finishes its step, writes state.pt and exits with one line, no traceback."""
+    out = str(tmp_path / "ctrl_c")
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "_slow_train.py"), "train_clip.py", "0.3"] + tar_run
+    proc = subprocess.Popen(cmd + ["--out", out], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # its own process group, as a terminal job
+    wait_for_step(out, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == model.PREEMPTED, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    step = load_checkpoint(os.path.join(out, "state.pt"))["step"]
+    assert step == max(r["step"] for r in log_lines(out))
+    assert re.search(rf"^stopped at step {step} of 16 \(on SIGINT, resumable\)", stdout, re.M)
+    assert stderr.count("SIGINT: stopping after this step") == 1  # the main process's word, not every worker's
+
+
 def rank_pid(torchrun_pid, rank, timeout=60):
     """The pid of a torchrun worker, found by the RANK in its environment."""
     t0 = time.time()
