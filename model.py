@@ -569,7 +569,8 @@ def check_resume(state, args, script, path):
         raise CheckpointError(f"{path} is the training state of a {other} run, not of {script}: choose another --out "
                               f"(or continue that run with {other} --resume)")
     saved, now = state.get("args") or {}, vars(args)
-    differ = [k for k in now if k in saved and k not in _NOT_RECIPE and now[k] != saved[k]]
+    differ = [k for k in now if k in saved and k not in _NOT_RECIPE and now[k] != saved[k]
+              and not (k == "precision" and saved[k] is None)]  # older train_clip.py states left it unresolved
     if differ:
         raise RecipeError(f"{path} was trained with another recipe; resume with the run's own values: "
                           + ", ".join(f"{_flag(k)} {_shown(saved[k])} (this command: {_shown(now[k])})"

@@ -243,8 +243,7 @@ def save_state(state_path, model, optimizer, progress, args, dist_env):
         per_rank = [None] * dist_env.world_size
         dist.all_gather_object(per_rank, mine)
     state = training_state(model, optimizer, progress.step, script=SCRIPT, skipped=[s for _, s in per_rank],
-                           args=vars(args),
-                           config=dataclasses.asdict(model.config),
+                           args=vars(args), config=dataclasses.asdict(model.config),
                            data=dict(world_size=dist_env.world_size, workers=args.workers,
                                      positions=[p for p, _ in per_rank]))
     if dist_env.is_main:
