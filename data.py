@@ -11,6 +11,7 @@ Only the runtime dependencies (torch, torchvision, numpy, pillow, tqdm) and the 
 """
 
 import csv
+import glob
 import gzip
 import hashlib
 import heapq
@@ -720,14 +721,16 @@ def stable_seed(*keys):
 
 def expand_shards(spec):
     """'yfcc/{00000..01499}.tar' -> the 1,500 paths (zero-padded like the pattern); '{a,b}' lists alternatives;
-    several patterns may be joined with '::' (open_clip's convention) or given as a list."""
+    several patterns may be joined with '::' (open_clip's convention) or given as a list. Also, since a quoted
+    pattern reaches the script as it is: a shell pattern ('yfcc/*.tar') is expanded, sorted, and a folder ('yfcc/')
+    stands for the .tar files in it, sorted. A pattern or folder that names no file is an error."""
     if isinstance(spec, (list, tuple)):
         return [path for s in spec for path in expand_shards(s)]
     paths = []
     for part in str(spec).split("::"):
         m = re.search(r"\{([^{}]*)\}", part)
         if m is None:
-            paths.append(part)
+            paths += _pattern_or_folder(part)
             continue
         r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
         options = ([str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r
@@ -735,6 +738,22 @@ def expand_shards(spec):
         for option in options:
             paths += expand_shards(part[:m.start()] + option + part[m.end():])
     return paths
+
+
+def _pattern_or_folder(path):
+    """One shard path after brace expansion: itself, the sorted matches of a shell pattern, or a folder's .tar files."""
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"{path} is a folder without .tar files in it; name the shards as "
+                                    f"'dir/{{00000..00099}}.tar' or 'dir/*.tar'")
+        return found
+    if os.path.exists(path) or not glob.has_magic(path):
+        return [path]  # a missing plain path is reported by the caller, with the others
+    found = sorted(glob.glob(path))
+    if not found:
+        raise FileNotFoundError(f"no file matches {path!r}; shards can also be named as 'dir/{{00000..00099}}.tar'")
+    return found
 
 
 # ---- decoding: encoded bytes -> uint8 crop + the sample's photometric parameters
@@ -1154,9 +1173,12 @@ class TarImageText(IterableDataset):
 
 
 class CsvImageText(Dataset):
-    """(image, caption) rows of a CSV/TSV file (open_clip's `filepath` / `title` columns by default). Relative image
-    paths are taken from the file's folder. Rows with an empty caption are dropped here (counted in
-    `no_caption`); unreadable images are replaced at load time (see GlobalBatchSampler)."""
+    """(image, caption) rows of a CSV/TSV file (open_clip's `filepath` / `title` columns by default). A relative image
+    path is read, as open_clip does, from the working directory the run started in; where no file is there, from the
+    CSV's own folder (so a CSV written beside its images works from anywhere). Rows with an empty caption are
+    dropped here (counted in `no_caption`); images that are missing (`no image`) or cannot be decoded
+    (`undecodable`) are replaced at load time (see GlobalBatchSampler). If none of the first rows' images exists,
+    the paths are wrong, and that is an error at once, naming both places looked in."""
 
     def __init__(self, path, tokenizer, image_size, img_key="filepath", caption_key="title", sep=None,
                  context_length=77, augment=True):
@@ -1168,31 +1190,54 @@ class CsvImageText(Dataset):
                 raise ValueError(f"{path}: no column {absent} among {reader.fieldnames}; "
                                  f"set --csv-img-key / --csv-caption-key (and --csv-separator)")
             rows = [(r[img_key], (r[caption_key] or "").strip()) for r in reader]
-        root = os.path.dirname(os.path.abspath(path))
-        self.paths = [os.path.join(root, p) for p, c in rows if c]
+        # absolute now: DataLoader workers resolve the same paths whatever their working directory
+        self.cwd, self.root = os.getcwd(), os.path.dirname(os.path.abspath(path))
+        self.paths = [p for p, c in rows if c]  # as written in the file; self.path(i) resolves them
         self.captions = [c for _, c in rows if c]
         self.no_caption = len(rows) - len(self.captions)
         self.tokenizer, self.context_length, self.augment = tokenizer, context_length, augment
         self.decoder = crop_decoder(image_size, augment)
+        first = range(min(16, len(self.paths)))
+        if len(first) and not any(os.path.isfile(self.path(i)) for i in first):
+            p = self.paths[0]
+            where = (f"{p} does not exist" if os.path.isabs(p) else
+                     f"{p!r} is neither at {os.path.join(self.cwd, p)} (the working directory, as open_clip reads "
+                     f"it) nor at {os.path.join(self.root, p)} (the CSV's folder)")
+            raise FileNotFoundError(f"{path}: none of the first {len(first)} images exists: {where}")
 
     def __len__(self):
         return len(self.paths)
 
+    def path(self, i):
+        p = self.paths[i]
+        if os.path.isabs(p):
+            return p
+        here = os.path.join(self.cwd, p)
+        return here if os.path.exists(here) else os.path.join(self.root, p)
+
     def __getitem__(self, key):
-        """key = (row, substitute rows, augmentation seed) from GlobalBatchSampler -> (image, params, caption, #bad)."""
+        """key = (row, substitute rows, augmentation seed) from GlobalBatchSampler -> (image, params, caption,
+        skips by kind among the rows tried before it)."""
         row, substitutes, seed = key
-        for n_bad, i in enumerate((row, *substitutes)):
+        bad = Counter()
+        for i in (row, *substitutes):
             try:
-                with open(self.paths[i], "rb") as f:
-                    return (*decode_sample(self.decoder, f.read(), seed, self.augment), self.captions[i], n_bad)
-            except Exception:
+                with open(self.path(i), "rb") as f:
+                    raw = f.read()
+            except OSError:
+                bad[NO_IMAGE] += 1
                 continue
-        raise RuntimeError(f"neither {self.paths[row]} nor its {len(substitutes)} substitutes could be read")
+            try:
+                return (*decode_sample(self.decoder, raw, seed, self.augment), self.captions[i], bad)
+            except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+                bad[UNDECODABLE] += 1
+        raise OSError(f"neither {self.path(row)} nor its {len(substitutes)} substitutes could be read "
+                      f"({bad[NO_IMAGE]} missing, {bad[UNDECODABLE]} undecodable)")
 
     def collate(self, items):
-        images, params, captions, n_bad = zip(*items)
+        images, params, captions, bad = zip(*items)
         return _micro_batch(list(images), list(params), list(captions), self.tokenizer, self.context_length,
-                            {UNDECODABLE: sum(n_bad)} if sum(n_bad) else {})
+                            sum(bad, Counter()))
 
 
 class GlobalBatchSampler:

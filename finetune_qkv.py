@@ -26,8 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from model import (Attention, CLIP, HelpFormatter, add_recipe_args, add_run_args, cleanup_distributed, config_for,
-                   load_state_dict_checked, parse_training_args, setup_distributed)
+from model import (Attention, CLIP, HelpFormatter, add_recipe_args, add_run_args, architecture_hint, catch_stop_signals,
+                   cleanup_distributed, config_for, load_init, parse_training_args, restore_signals, run_main,
+                   setup_distributed)
 from train_nights import add_nights_args, train
 
 
@@ -148,20 +149,25 @@ def resolve_recipe(args):
 def main(argv=None):
     args = resolve_recipe(parse_training_args(get_parser(), argv))
     dist_env = setup_distributed(timeout_minutes=args.dist_timeout)
+    catch_stop_signals()  # SIGTERM, SIGUSR1, Ctrl-C: stop after the current step, with state.pt written
     try:
         torch.manual_seed(args.seed)  # the LoRA initialisation, identical on every rank
         model = CLIP(config_for(args.checkpoint, preset=args.model, config=args.config))
-        load_state_dict_checked(model, args.checkpoint)  # a wrong architecture stops here, naming the keys
+        # a wrong architecture stops here, naming the keys (and, without a config.json, --config and --model)
+        loaded = load_init(model, args.checkpoint, "--checkpoint",
+                           hint=architecture_hint(args.checkpoint, preset=args.model, config=args.config))
         if args.lora:
             add_lora(model, args.lora, args.lora_alpha, args.lora_dropout)
         for name, p in model.named_parameters():
             # §3.3: only Q, K, V of every vision attention block are unfrozen (with LoRA: only the LoRA factors)
             p.requires_grad_(".lora_" in name if args.lora else is_qkv(name))
         model.set_grad_checkpointing(args.grad_checkpointing)
-        return train(args, model, dist_env, out_name="finetuned.pt", export=merged_state_dict)
+        return train(args, model, dist_env, out_name="finetuned.pt", export=merged_state_dict,
+                     script="finetune_qkv.py", loaded=loaded)
     finally:
+        restore_signals()
         cleanup_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -7,7 +7,8 @@ Read top to bottom:
                                          fused for large batches), cosine_distance (eq. 1), perceptual_hinge_loss
                                          (eq. 2), two_afc_accuracy
   4. checkpoints                      -- plain state dicts, atomic saves, a strict loader with readable errors
-  5. training utilities               -- AdamW param groups, cosine schedule, torchrun set-up, JSONL log
+  5. training utilities               -- AdamW param groups, cosine schedule, torchrun set-up, JSONL log, the
+                                         --resume check, stopping on a signal, args.json, one-line errors
 
 State-dict keys and shapes are those of OpenAI CLIP / open_clip `ViT-B-32` (302 keys, 151,277,313 parameters), so
 weights move between this file and theirs with `load_state_dict(strict=True)` in both directions.
@@ -15,9 +16,12 @@ weights move between this file and theirs with `load_state_dict(strict=True)` in
 import argparse
 import dataclasses
 import datetime
+import errno
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 import tempfile
 from collections import OrderedDict
@@ -406,6 +410,23 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class DiskFullError(OSError):
+    """A checkpoint did not fit on its disk; the message names the folder and says what is left of the old file."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def _is_disk_full(err):
+    """torch.save reports a full disk as a RuntimeError of its zip writer, with the ENOSPC OSError in the chain."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def save_checkpoint(obj, path):
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file
     where a good checkpoint was."""
@@ -421,9 +442,13 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if _is_disk_full(err):
+            kept = (f"the previous {os.path.basename(path)} is intact" if os.path.exists(path)
+                    else f"nothing was written to {path}")
+            raise DiskFullError(f"no space left on device at {folder}; {kept}") from err
         raise
 
 
@@ -450,9 +475,10 @@ def _plain_state_dict(sd):
     return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
 
 
-def load_state_dict_checked(module, state_dict_or_path, prefix="", what=None):
+def load_state_dict_checked(module, state_dict_or_path, prefix="", what=None, hint=""):
     """Strictly load weights into `module`, raising one CheckpointError that names every missing, unexpected and
-    mis-shaped key. With prefix="visual.", only the source's `visual.*` tensors are used (for `--init nights.pt`)."""
+    mis-shaped key (after `hint`, e.g. architecture_hint's advice). With prefix="visual.", only the source's
+    `visual.*` tensors are used (for `--init nights.pt`)."""
     what = what or (state_dict_or_path if isinstance(state_dict_or_path, str) else "state dict")
     sd = load_checkpoint(state_dict_or_path) if isinstance(state_dict_or_path, str) else state_dict_or_path
     if not isinstance(sd, dict):
@@ -471,8 +497,8 @@ def load_state_dict_checked(module, state_dict_or_path, prefix="", what=None):
         def show(name, keys):
             return f"\n  {len(keys)} {name}: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "") if keys else ""
         raise CheckpointError(f"{what} does not match the model ({type(module).__name__})"
-                              + show("missing keys", missing) + show("unexpected keys", unexpected)
-                              + show("mis-shaped keys", shapes))
+                              + (f"; {hint}" if hint else "") + show("missing keys", missing)
+                              + show("unexpected keys", unexpected) + show("mis-shaped keys", shapes))
     module.load_state_dict(sd, strict=True)
     return module
 
@@ -480,35 +506,284 @@ def load_state_dict_checked(module, state_dict_or_path, prefix="", what=None):
 # 5. Training utilities shared by train_nights.py, train_clip.py and finetune_qkv.py
 
 
+def print0(*message, file=None):
+    """print on rank 0 only (every rank runs the same code), through tqdm so that a progress bar stays intact."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        from tqdm import tqdm
+        tqdm.write(" ".join(map(str, message)), file=file or sys.stdout)
+
+
+def default_precision(device):
+    """--precision when it is not given: bf16 on GPU, fp32 on CPU (where bf16 matmuls are slow on most CPUs)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def training_state(model, optimizer, step, **extra):
-    """Everything `--resume` needs to continue a run exactly: weights, optimiser moments, the step counter, the RNG."""
+    """Everything `--resume` needs to continue a run exactly: weights, optimiser moments, the step counter, the RNG.
+    The scripts add script= (which of them wrote it), args=vars(args) (the recipe --resume checks) and their own."""
     return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                 rng=torch.get_rng_state(), **extra)
 
 
-def resume_training_state(path, model, optimizer):
-    """Restore a `training_state` written by save_checkpoint into model and optimizer; returns the whole dict
-    (step, epoch, and whatever else the script stored)."""
-    state = load_checkpoint(path)
+# ---- --resume: the same script, the same recipe
+
+# Flags that may change when a run is resumed: how it runs, not what it computes (--workers re-reads the rest of a
+# tar epoch from the shards' start; --accum-steps changes the result by float rounding only). Every other flag is
+# the recipe (batch, epochs, lr and schedule, warm-up, data, model, init, seed, precision, ...) and must match.
+RESUMABLE_FLAGS = ("workers", "save_every_steps", "stop_after_steps", "dist_timeout", "log_every", "accum_steps",
+                   "grad_checkpointing", "compile", "zeroshot", "zeroshot_root")
+_NOT_RECIPE = RESUMABLE_FLAGS + ("resume", "out")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")  # every script spells a flag as its destination
+
+
+def _shown(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "unset" if value is None else value
+
+
+def written_by(state):
+    """Which script wrote a training state: its `script` entry, or (for states written before there was one) the
+    flag only that script has."""
+    if state.get("script"):
+        return state["script"]
+    saved = state.get("args") or {}
+    for script, dest in (("finetune_qkv.py", "checkpoint"), ("train_clip.py", "merges"), ("train_nights.py", "subset")):
+        if dest in saved:
+            return script
+    return None
+
+
+def check_resume(state, args, script, path):
+    """Refuse to continue another script's run, or a run under another recipe: one error naming each flag that
+    differs, with the run's value (the fix) and this command's. The flags of RESUMABLE_FLAGS may change."""
+    other = written_by(state)
+    if other and other != script:
+        raise CheckpointError(f"{path} is the training state of a {other} run, not of {script}: choose another --out "
+                              f"(or continue that run with {other} --resume)")
+    saved, now = state.get("args") or {}, vars(args)
+    differ = [k for k in now if k in saved and k not in _NOT_RECIPE and now[k] != saved[k]
+              and not (k == "precision" and saved[k] is None)]  # older train_clip.py states left it unresolved
+    if differ:
+        raise RecipeError(f"{path} was trained with another recipe; resume with the run's own values: "
+                          + ", ".join(f"{_flag(k)} {_shown(saved[k])} (this command: {_shown(now[k])})"
+                                      for k in differ)
+                          + "; or start a new run in another --out")
+
+
+def peek_training_state(path):
+    """A training state's small entries (script, args, step) without reading its tensors (mmap)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"could not read {path}: {err}") from err
     if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
         raise CheckpointError(f"{path} is not a training-state checkpoint (needs model, optimizer, step); "
                               f"to start from plain weights use --init instead of --resume")
-    load_state_dict_checked(model, state["model"], what=f"{path} [model]")
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
     return state
 
 
-def resuming(resume, state_path):
+def resume_training_state(path, model, optimizer, args=None, script=None):
+    """Restore a `training_state` written by save_checkpoint into model and optimizer, after check_resume (when
+    args and script are given: before any weight is loaded, so another --model is named as such); returns the whole
+    dict (step, epoch, and whatever else the script stored)."""
+    state = peek_training_state(path)
+    if args is not None:
+        check_resume(state, args, script, path)
+    state = load_checkpoint(path)  # the tensors in memory, not mapped from a file the run will overwrite
+    load_state_dict_checked(model, state["model"], what=f"{path} [model]")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    print0(f"resumed from {path} at step {state['step']}")
+    return state
+
+
+def resuming(resume, state_path, args=None, script=None):
     """Whether to continue the run whose training state is state_path. --resume with no state.pt yet starts the run,
     so one command line serves a job's first submission and all its requeues; without --resume an existing state.pt
-    is an error, so a run is never overwritten by accident."""
+    is an error, so a run is never overwritten by accident. With args and script, a state.pt of another script or
+    recipe is refused here, before anything is built (check_resume)."""
     if not resume and os.path.exists(state_path):
+        try:
+            other = written_by(peek_training_state(state_path)) if script else None
+        except CheckpointError:  # unreadable: it is still not ours to overwrite
+            other = None
+        if other and other != script:
+            raise FileExistsError(f"{state_path} exists, from a {other} run: choose another --out")
         raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
     if resume and not os.path.isfile(state_path):
-        print(f"--resume: no {state_path} yet, starting the run")
+        print0(f"--resume: no {state_path} yet, starting the run")
         return False
+    if resume and args is not None:
+        check_resume(peek_training_state(state_path), args, script, state_path)
     return resume
+
+
+# ---- stopping: a planned stop (--stop-after-steps) or a signal, after a whole step, with state.pt written
+
+PREEMPTED = 75  # exit status after a stop on a signal, state.pt written (sysexits.h's EX_TEMPFAIL: "try again")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SLURM / Kubernetes, SLURM's --signal, Ctrl-C
+_stop = []  # the names of the stop signals this process received
+_previous_handlers = {}
+_main_pid = [None]  # the process that called catch_stop_signals (forked DataLoader workers inherit the handler)
+_command = {"argv": None}  # the command line the run was started with (parse_training_args), for resume_command
+
+
+class Preempted(Exception):
+    """A run stopped on a signal after writing state.pt; run_main exits with PREEMPTED."""
+
+
+def _on_stop_signal(signum, frame):
+    if os.getpid() != _main_pid[0]:
+        return  # a DataLoader worker: the main process decides, the worker goes on reading
+    if _stop and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop at once, state.pt as the last save left it
+    _stop.append(signal.Signals(signum).name)
+    if int(os.environ.get("RANK", "0")) == 0:  # os.write: a print here could re-enter a print the signal interrupted
+        os.write(2, f"\n{_stop[-1]}: stopping after this step (state.pt will be written; Ctrl-C again stops at "
+                    f"once)\n".encode())
+
+
+def catch_stop_signals():
+    """From now until restore_signals(): SIGTERM, SIGUSR1 or Ctrl-C asks the run to stop after its current step
+    (stop_reason). Call it before the DataLoader workers start: forked workers inherit the handler, which ignores
+    the signal there, so a Ctrl-C (the terminal sends it to every process) leaves them reading. torch's workers
+    replace the SIGTERM handler with their own, though: see ignore_stop_signals."""
+    _stop.clear()
+    _main_pid[0] = os.getpid()
+    for sig in STOP_SIGNALS:
+        try:
+            _previous_handlers[sig] = signal.signal(sig, _on_stop_signal)
+        except ValueError:  # not the main thread: signals stay as they are
+            return
+
+
+def restore_signals():
+    for sig, handler in _previous_handlers.items():
+        signal.signal(sig, handler)
+    _previous_handlers.clear()
+
+
+def ignore_stop_signals(*_):
+    """For DataLoader workers (worker_init_fn): leave the stop signals to the main process, which finishes its step
+    and writes state.pt (torch's workers die of SIGTERM, which torchrun and SLURM send to the whole process group)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_reason(step, stop_after_steps, device):
+    """Checked by every rank before each optimiser step (it is a collective: the ranks agree, so they stop at the
+    same step). None to go on; else "--stop-after-steps" or the signal's name."""
+    asked = bool(_stop)
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([float(asked)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one number per step: cheap next to the step's own all-reduces
+        asked = bool(flag.item())
+    if stop_after_steps is not None and step >= stop_after_steps:
+        return "--stop-after-steps"
+    if asked:
+        return _stop[0] if _stop else "a signal to another rank"
+    return None
+
+
+def resume_command(script):
+    """The command line that continues this run: the one it was started with, --resume added, --stop-after-steps
+    dropped (it would stop again at once)."""
+    argv, kept = list(_command["argv"] or sys.argv[1:]), []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--stop-after-steps":
+            argv = argv[1:]
+        elif not arg.startswith("--stop-after-steps="):
+            kept.append(arg)
+    kept += [] if "--resume" in kept else ["--resume"]
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    launch = ("python" if world == 1 else f"torchrun --standalone --nproc_per_node {local}" if world == local
+              else "torchrun <this job's options>")
+    return f"{launch} {shlex.join([script] + kept)}"
+
+
+def report_stop(reason, step, total_steps, state_path, script):
+    """The one line a stopped run prints (rank 0), after state.pt is written. A stop on a signal then raises
+    Preempted: run_main turns it into exit status PREEMPTED, so that a job script can tell it from the end."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank exits before rank 0 has written state.pt (torchrun ends the others when one exits)
+    why = "planned, resumable" if reason == "--stop-after-steps" else f"on {reason}, resumable"
+    print0(f"stopped at step {step} of {total_steps} ({why}); {state_path} written; continue with: "
+           f"{resume_command(script)}")
+    if reason != "--stop-after-steps":
+        raise Preempted(f"stopped at step {step} on {reason}")
+
+
+# ---- a run's record: args.json, log.jsonl, the warm-up warning, one-line errors
+
+
+def write_run_record(folder, script, args, loaded=None):
+    """args.json beside config.json: the script, its flags as the run uses them (the defaults filled in) and what
+    was loaded into the model before training, e.g. {"--init": {"path": ..., "tensors": 152}}. A resumed run
+    (loaded=None) keeps what the first start loaded. Rank 0 only; written atomically."""
+    path = os.path.join(folder, "args.json")
+    if loaded is None and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                loaded = json.load(f).get("loaded")
+        except (OSError, ValueError):
+            loaded = None
+    record = dict(script=script, args=vars(args), loaded=loaded or {})
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def load_init(module, path, flag, prefix="", hint=""):
+    """load_state_dict_checked for a flag that loads weights before training (--init, --checkpoint): prints what it
+    loaded and returns the entry write_run_record keeps."""
+    load_state_dict_checked(module, path, prefix=prefix, what=f"{flag} {path}", hint=hint)
+    n = len(module.state_dict())
+    print0(f"{flag} loaded {n} tensors{f' ({prefix}*)' if prefix else ''} from {path}")
+    return {flag: {"path": path, "tensors": n}}
+
+
+def warn_long_warmup(warmup_steps, total_steps, flag):
+    """A warm-up longer than the run is kept as given (the recipe is the user's), with a warning: the learning rate
+    never reaches its peak."""
+    if warmup_steps > total_steps:
+        print0(f"warning: the warm-up ({flag}) is {warmup_steps} steps, longer than the run's {total_steps}: the "
+               f"learning rate reaches only {total_steps / warmup_steps:.0%} of --lr", file=sys.stderr)
+
+
+# The usual mistakes (a missing or wrong file, a refused resume, a full disk, a bad value) end in one line on stderr;
+# TRACEBACK=1 in the environment shows the traceback instead.
+USAGE_ERRORS = (CheckpointError, OSError, ValueError, FloatingPointError)
+
+
+def run_main(main):
+    """`if __name__ == "__main__": run_main(main)`. Exit status: 0 done (or a planned stop), 1 an error (one line),
+    PREEMPTED stopped on a signal with state.pt written (the line was printed), 130 a second Ctrl-C."""
+    script = os.path.basename(sys.argv[0])
+    try:
+        main()
+    except Preempted:
+        sys.exit(PREEMPTED)
+    except KeyboardInterrupt:
+        print(f"{script}: interrupted; --resume continues from the last state.pt", file=sys.stderr)
+        sys.exit(130)
+    except USAGE_ERRORS as err:
+        if os.environ.get("TRACEBACK"):
+            raise
+        message = str(err).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its last line is the error itself
+            message = message.splitlines()[-1]
+        print(f"{script}: error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 def all_ranks_sum(values, device):
@@ -564,7 +839,7 @@ class Dist:
 def autocast(device, precision=None):
     """bf16 autocast (parameters, optimiser state and the loss stay fp32). precision None means bf16 on GPU and fp32
     on CPU, where bf16 matmuls are slow on most processors."""
-    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = precision or default_precision(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -599,17 +874,37 @@ def cleanup_distributed():
 
 
 class JsonlLogger:
-    """One JSON object per line (easy to plot with pandas or jq); only rank 0 writes; every line is flushed so
-    nothing is lost when a run dies. A fresh run starts a new file; a resumed one (resume=True) appends to it."""
+    """One JSON object per line (easy to plot with pandas or jq), each with a local time stamp ("time", ISO 8601);
+    only rank 0 writes; every line is flushed so nothing is lost when a run dies. A fresh run starts a new file; a
+    resumed one (resume=True, step = the step it resumes from) first drops the lines after that step, which the run
+    is about to redo, so that each step appears once."""
 
-    def __init__(self, path, enabled=True, resume=False):
+    def __init__(self, path, enabled=True, resume=False, step=None):
         self.file = None
         if enabled and path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if resume and step is not None and os.path.isfile(path):
+                self._truncate(path, step)
             self.file = open(path, "a" if resume else "w")
+
+    @staticmethod
+    def _truncate(path, step):
+        kept = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # the half-written last line of a killed run
+                    continue
+                if not isinstance(record, dict) or record.get("step", -1) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
     def log(self, **record):
         if self.file:
+            record["time"] = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
@@ -654,11 +949,33 @@ def config_from_dict(d, what="config"):
     return CLIPConfig(**{**base, **d})
 
 
-def config_for(checkpoint=None, preset=None, config=None, saved=None):
+def _beside(checkpoint):
+    """The config.json our scripts write beside every checkpoint (None if there is none)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json") if checkpoint else None
+    return path if path and os.path.isfile(path) else None
+
+
+def _vocabulary_of(checkpoint, state_dict=None):
+    """(vocab_size, context_length) read from a checkpoint's own token and position embeddings (None where it has
+    none): a CLIP trained with a learned BPE has another vocabulary than any preset. mmap: only the two tensors'
+    shapes are needed, not the whole file."""
+    sd = state_dict
+    if sd is None:
+        try:
+            sd = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return None, None  # not a zip checkpoint (e.g. TorchScript): load_state_dict_checked reports it
+    sd = _plain_state_dict(sd) if isinstance(sd, dict) else {}
+    tokens, positions = sd.get("token_embedding.weight"), sd.get("positional_embedding")
+    return (tokens.shape[0] if tokens is not None else None), (positions.shape[0] if positions is not None else None)
+
+
+def config_for(checkpoint=None, preset=None, config=None, saved=None, state_dict=None):
     """The architecture to rebuild for a checkpoint, most exact first: a config JSON file (`--config`); the config
     the run recorded (`saved`: the "config" entry of a training state, else the config.json our scripts write beside
     every checkpoint), which describes the weights exactly, a learned vocabulary included; a preset name
-    (`--model`, for weights trained elsewhere, e.g. OpenAI's); else ViT-B/32."""
+    (`--model`, for weights trained elsewhere, e.g. OpenAI's; else ViT-B/32) with the vocabulary and context length
+    read from the checkpoint's own embeddings (state_dict, or the file). architecture_hint says which it was."""
     if config:
         if not os.path.isfile(config):
             raise FileNotFoundError(f"--config {config} not found")
@@ -666,11 +983,21 @@ def config_for(checkpoint=None, preset=None, config=None, saved=None):
             return config_from_dict(json.load(f), what=config)
     if saved:
         return config_from_dict(saved, what=f"{checkpoint} [config]")
-    beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json") if checkpoint else None
-    if beside and os.path.isfile(beside):
+    beside = _beside(checkpoint)
+    if beside:
         with open(beside) as f:
             return config_from_dict(json.load(f), what=beside)
-    return preset_config(preset or "ViT-B-32")
+    cfg = preset_config(preset or "ViT-B-32")
+    vocab, context = _vocabulary_of(checkpoint, state_dict) if checkpoint or state_dict else (None, None)
+    return dataclasses.replace(cfg, vocab_size=vocab or cfg.vocab_size, context_length=context or cfg.context_length)
+
+
+def architecture_hint(checkpoint, preset=None, config=None, saved=None):
+    """What to add to a load error when config_for had only a preset to go on: which one, and the two ways out."""
+    if config or saved or _beside(checkpoint):
+        return ""
+    return (f"no config.json beside {checkpoint}, so it was read as --model {preset or 'ViT-B-32'} (with its own "
+            f"vocabulary): pass --config <the run's config.json>, or the --model it was trained as")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -712,7 +1039,11 @@ def add_run_args(p, data_help, model="ViT-B-32", save_every_steps=0):
                    help="bf16 autocast (default on GPU; fp32 master weights either way) or fp32 (default on CPU)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     p.add_argument("--no-augment", action="store_true", help="train without the §3.4 augmentations")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its state.pt (or start it if there is none yet). Every flag "
+                        "must be the run's own (else it is refused, naming each), except these, which may change: "
+                        "--workers, --save-every-steps, --stop-after-steps, --dist-timeout, --grad-checkpointing "
+                        "(and train_clip.py's --log-every, --accum-steps, --compile, --zeroshot, --zeroshot-root)")
     p.add_argument("--save-every-steps", type=int, default=save_every_steps,
                    help="also write state.pt every N optimiser steps (it is always written after each epoch)")
     p.add_argument("--stop-after-steps", type=int, default=None,
@@ -728,6 +1059,7 @@ def add_run_args(p, data_help, model="ViT-B-32", save_every_steps=0):
 def parse_training_args(p, argv=None):
     """parse_args, then the checks a renamed flag would slip past (argparse's `required` sees only the new name)."""
     args = p.parse_args(argv)
+    _command["argv"] = list(sys.argv[1:] if argv is None else argv)  # for resume_command
     if args.data is None:
         p.error("the following arguments are required: --data")
     if args.workers is None:
@@ -747,8 +1079,9 @@ def add_recipe_args(p, **recipe):
     flag("batch_size", int, "GLOBAL batch: examples per optimiser step summed over all processes")
     flag("lr", float, "peak learning rate")
     flag("weight_decay", float, "AdamW weight decay on matrices and embeddings")
-    flag("warmup_epochs", float, "linear warm-up length in epochs")
-    flag("warmup_steps", int, "linear warm-up length in optimiser steps")
+    flag("warmup_epochs", float, "linear warm-up length in epochs; one longer than the run is kept, with a warning")
+    flag("warmup_steps", int, "linear warm-up length in optimiser steps; one longer than the run is kept, with a "
+                              "warning")
     flag("beta1", float, "Adam beta1")
     flag("beta2", float, "Adam beta2")
     flag("eps", float, "Adam epsilon")

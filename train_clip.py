@@ -11,9 +11,11 @@ gathers the text features so that every step optimises the exact full-batch loss
 in memory, --accum-steps K embeds it in K chunks and still computes the exact full-batch loss and gradient (the
 gradient cache of Gao et al. 2021, see train_step), so one GPU can reproduce the paper's batch exactly.
 
-Outputs in --out: log.jsonl (one line per --log-every steps), config.json (the CLIPConfig), epoch_<n>.pt (plain
-state dicts, for scaling curves and evaluate.py), state.pt (resumable training state, written atomically every
---save-every-steps steps and at each epoch end; --resume continues from it with the same results as an unbroken run).
+Outputs in --out: log.jsonl (one line per --log-every steps), config.json (the CLIPConfig), args.json (the flags and
+what --init loaded), epoch_<n>.pt (plain state dicts, for scaling curves and evaluate.py), state.pt (resumable
+training state, written atomically every --save-every-steps steps and at each epoch end; --resume continues from it
+with the same results as an unbroken run, and refuses another recipe). SIGTERM, SIGUSR1 or Ctrl-C stop the run after
+its current step with state.pt written, and exit with status 75 (model.PREEMPTED).
 
 The images travel as uint8 crops (data.py's workers decode, crop and flip) with each sample's photometric parameters;
 the §3.4 colour jitter, grayscale, blur and the CLIP normalisation run batched on the training device, chunk by
@@ -37,10 +39,12 @@ from tqdm import tqdm
 
 import data
 from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_renamed, add_run_args, all_ranks_sum,
-                   autocast, available_workers, check_finite, cleanup_distributed, clip_loss, cosine_lr,
-                   load_state_dict_checked, parse_training_args, preset_config, resume_training_state, resuming,
-                   save_checkpoint, setup_distributed, training_state)
+                   autocast, available_workers, catch_stop_signals, check_finite, cleanup_distributed, clip_loss,
+                   cosine_lr, default_precision, load_init, parse_training_args, preset_config, print0, report_stop,
+                   restore_signals, resume_training_state, resuming, run_main, save_checkpoint, setup_distributed,
+                   stop_reason, training_state, warn_long_warmup, write_run_record)
 
+SCRIPT = os.path.basename(__file__)
 COUNTS = data.SKIPS + (data.REREAD,)  # the data loaders' counters that log.jsonl reports, summed over ranks
 
 
@@ -197,13 +201,15 @@ def zero_shot_check(model, tokenizer, names, args):
 
 def build_model(args, vocab_size, device):
     """CLIP with the tokenizer's vocabulary and the paper's logit-scale init; with --init, stage 1's vision tower
-    (a checkpoint of another architecture is an error naming the keys)."""
+    (a checkpoint of another architecture is an error naming the keys). Returns the model and what --init loaded
+    (for args.json; None when resuming, which keeps the first start's record)."""
     cfg = preset_config(args.model, vocab_size=vocab_size, logit_scale_init=math.log(args.logit_scale_init),
                         grad_checkpointing=args.grad_checkpointing)
     model = CLIP(cfg)
+    loaded = None if args.resume else {}
     if args.init and not args.resume:
-        load_state_dict_checked(model.visual, args.init, prefix="visual.", what=f"--init {args.init}")
-    return model.to(device)
+        loaded = load_init(model.visual, args.init, "--init", prefix="visual.")
+    return model.to(device), loaded
 
 
 @dataclass
@@ -219,7 +225,7 @@ def start_or_resume(args, model, optimizer, state_path, loader, dist_env):
     """A fresh Progress, or the one state.pt holds (weights and optimiser restored into model and optimizer)."""
     if not args.resume:
         return Progress()
-    state = resume_training_state(state_path, model, optimizer)
+    state = resume_training_state(state_path, model, optimizer, args=args, script=SCRIPT)
     skipped = rank_counts(state.get("skipped", []), dist_env.rank, dist_env.world_size)
     progress = Progress(state["step"], skipped=skipped,
                         last_good=state_path)
@@ -245,8 +251,8 @@ def save_state(state_path, model, optimizer, progress, args, dist_env):
     positions = {}  # the streams are global: one dict, whoever read them
     for p, _ in per_rank:
         positions.update(p)
-    state = training_state(model, optimizer, progress.step, skipped=[s for _, s in per_rank], args=vars(args),
-                           config=dataclasses.asdict(model.config),
+    state = training_state(model, optimizer, progress.step, script=SCRIPT, skipped=[s for _, s in per_rank],
+                           args=vars(args), config=dataclasses.asdict(model.config),
                            data=dict(streams=args.data_streams, positions=positions))
     if dist_env.is_main:
         save_checkpoint(state, state_path)
@@ -301,7 +307,8 @@ def warn_if_loader_falls_behind(meter, seconds, host_wait, decode, steps, args, 
 
 
 def log_step(logger, bar, raw, progress, epoch, loss, lr, meter, args, dist_env):
-    """One log.jsonl line: loss, learning rate, temperature, throughput, data wait, all-rank skip counts."""
+    """One log.jsonl line: loss, learning rate, temperature, throughput, data wait, all-rank skip counts; `epoch` is
+    1-based, as in the epoch lines and epoch_<n>.pt."""
     counts = dict(zip(COUNTS, map(int, all_ranks_sum([progress.skipped[k] for k in COUNTS], dist_env.device))))
     seconds, host_wait, decode = meter.read_and_reset()
     if progress.step > args.log_every:  # the first steps include the workers' start and compilation
@@ -320,6 +327,7 @@ def end_of_epoch(epoch, raw, optimizer, progress, logger, tokenizer, zeroshot, s
     progress.positions = {}  # the next epoch's streams start from their beginning
     if dist_env.is_main:
         save_checkpoint(raw.state_dict(), os.path.join(args.out, f"epoch_{epoch}.pt"))
+        print0(f"epoch {epoch}: wrote {os.path.join(args.out, f'epoch_{epoch}.pt')}")
         record = dict(epoch=epoch, step=progress.step, samples=progress.step * args.batch_size)
         if zeroshot:
             record["zeroshot"] = zero_shot_check(raw, tokenizer, zeroshot, args)
@@ -336,6 +344,7 @@ def end_of_epoch(epoch, raw, optimizer, progress, logger, tokenizer, zeroshot, s
 def main(argv=None):
     args = get_args(argv)
     dist_env = setup_distributed(timeout_minutes=args.dist_timeout)
+    args.precision = args.precision or default_precision(dist_env.device)  # recorded, and checked by --resume
     amp = autocast(dist_env.device, args.precision)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     if dist_env.device.type == "cuda":
@@ -346,10 +355,12 @@ def main(argv=None):
         import evaluate
         zeroshot = evaluate.parse_names(args.zeroshot, evaluate.BENCHMARKS, "--zeroshot set")
 
+    if not data.is_csv(args.data):  # resolved before the --resume check compares it with the run's
+        args.data_streams = args.data_streams or data.default_streams(args.batch_size)
     state_path = os.path.join(args.out, "state.pt")
-    args.resume = resuming(args.resume, state_path)
+    args.resume = resuming(args.resume, state_path, args, SCRIPT)
     tokenizer = data.Tokenizer(args.merges)
-    raw = build_model(args, tokenizer.vocab_size, dist_env.device)
+    raw, loaded = build_model(args, tokenizer.vocab_size, dist_env.device)
     optimizer = adamw(raw, args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2), eps=args.eps)
     if args.batch_size % (dist_env.world_size * args.accum_steps):
         raise ValueError(f"--batch-size {args.batch_size} must divide into {dist_env.world_size} ranks x "
@@ -361,7 +372,7 @@ def main(argv=None):
         csv_caption_key=args.csv_caption_key, csv_sep=args.csv_separator, context_length=raw.config.context_length,
         pin_memory=dist_env.device.type == "cuda", augment=not args.no_augment, micro_batch=args.micro_batch,
         shards_per_stream=args.shards_per_stream)
-    args.data_streams, args.workers = loader.streams, loader.workers  # as used (recorded in state.pt)
+    args.workers = loader.workers  # as used: lowered where it would not share the streams evenly
     steps_per_epoch = loader.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
 
@@ -373,19 +384,25 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(raw.config), f, indent=1)
+        write_run_record(args.out, SCRIPT, args, loaded)
+        warn_long_warmup(args.warmup_steps, total_steps, "--warmup-steps")
         print(f"{sum(p.numel() for p in raw.parameters()):,} parameters; {dist_env.world_size} rank(s) x "
               f"{args.workers} workers; {steps_per_epoch} steps/epoch of {args.batch_size} = "
               f"{loader.samples_per_epoch:,} samples; {total_steps} steps")
-    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=dist_env.is_main, resume=args.resume)
+    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=dist_env.is_main, resume=args.resume,
+                         step=progress.step)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not dist_env.is_main, dynamic_ncols=True)
     meter = Meter()
+    catch_stop_signals()  # restored in `finally`; the loader's workers leave these signals to this process
     batches = loader.batches(start_step=progress.step, positions=progress.positions)  # all epochs, joined ahead
     try:
         while progress.step < total_steps:
-            if args.stop_after_steps is not None and progress.step >= args.stop_after_steps:
+            stop = stop_reason(progress.step, args.stop_after_steps, dist_env.device)  # all ranks agree
+            if stop:  # --stop-after-steps reached, or a signal: state.pt, one line, and (signal) Preempted
                 save_state(state_path, model=raw, optimizer=optimizer, progress=progress, args=args,
                            dist_env=dist_env)
-                return raw  # a planned, resumable stop
+                report_stop(stop, progress.step, total_steps, state_path, SCRIPT)
+                return raw
             # data: the next rank batch, already joined (and pinned) by the loader's thread, onto the device
             t0 = time.perf_counter()
             batch = data.batch_to_device(next(batches), dist_env.device)
@@ -414,9 +431,10 @@ def main(argv=None):
     finally:
         batches.close()
         bar.close()
+        restore_signals()
         cleanup_distributed()
     return raw
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -7,8 +7,9 @@ frozen at their random initialisation; stage 2 (train_clip.py --init nights.pt) 
     torchrun --standalone --nproc_per_node 6 train_nights.py --data ... --out ...  # DDP, same results per step
     python train_nights.py ... --resume                                             # continue a run that died
 
-Writes into --out: config.json (the CLIPConfig), log.jsonl (one line per epoch), state.pt (everything --resume
-needs), last.pt and best.pt (plain CLIP state dicts of the last / best-validation epoch) and nights.pt (the result:
+Writes into --out: config.json (the CLIPConfig), args.json (the flags), log.jsonl (one line per epoch, 2AFC in
+percent), state.pt (everything --resume needs; a signal stops the run after its step with it written, exit status
+75), last.pt and best.pt (plain CLIP state dicts of the last / best-validation epoch) and nights.pt (the result:
 a plain CLIP state dict, loadable by CLIP and by train_clip.py --init).
 
 The training loop here (`train`, `evaluate`) is shared with finetune_qkv.py, which only changes what is trainable
@@ -31,9 +32,10 @@ from tqdm import tqdm
 
 from data import NightsTriplets
 from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_run_args, all_ranks_sum, autocast,
-                   check_finite, cleanup_distributed, cosine_lr, hinge_terms, parse_training_args,
-                   perceptual_hinge_loss, preset_config, resume_training_state, resuming, save_checkpoint,
-                   setup_distributed, training_state, triplet_distances, two_afc_scores)
+                   catch_stop_signals, check_finite, cleanup_distributed, cosine_lr, default_precision, hinge_terms,
+                   parse_training_args, perceptual_hinge_loss, preset_config, report_stop, restore_signals,
+                   resume_training_state, resuming, run_main, save_checkpoint, setup_distributed, stop_reason,
+                   training_state, triplet_distances, two_afc_scores, warn_long_warmup, write_run_record)
 
 
 def add_nights_args(p, best_by, final_help):
@@ -75,9 +77,9 @@ def learning_rate(args, step, total_steps, warmup_steps):
 
 @torch.no_grad()
 def evaluate(model, loader, device, precision, margin=0.05):
-    """Hinge loss and 2AFC accuracy (ties count half) over the loader, from model.triplet_distances (the encoding
-    evaluate.py's NIGHTS 2AFC uses too); under DDP every rank holds a shard and the sums are all-reduced, so each
-    rank returns the numbers for the whole split."""
+    """Hinge loss and 2AFC accuracy in percent (ties count half; evaluate.py's unit) over the loader, from
+    model.triplet_distances (the encoding evaluate.py's NIGHTS 2AFC uses too); under DDP every rank holds a shard and
+    the sums are all-reduced, so each rank returns the numbers for the whole split."""
     model.eval()
     d0, d1, label = triplet_distances(model, loader, device, precision)
     totals = torch.stack([hinge_terms(d0, d1, label, margin).sum(), two_afc_scores(d0, d1, label).sum(),
@@ -85,7 +87,7 @@ def evaluate(model, loader, device, precision, margin=0.05):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss_sum, correct, n = totals.tolist()
-    return {"val_loss": loss_sum / n, "val_2afc": correct / n, "val_n": int(n)}
+    return {"val_loss": loss_sum / n, "val_2afc": 100 * correct / n, "val_n": int(n)}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -136,27 +138,26 @@ class Progress:
     epoch_loss: tuple = (0.0, 0)  # (train-loss sum, batches) of this epoch so far, on this rank
 
 
-def start_or_resume(args, model, optimizer, state_path, schedule, dist_env):
-    """A fresh Progress, or the one a killed run last wrote to state.pt (its weights and optimiser restored)."""
+def start_or_resume(args, model, optimizer, state_path, schedule, script, dist_env):
+    """A fresh Progress, or the one a killed run last wrote to state.pt (its weights and optimiser restored, after
+    model.check_resume has compared the recipes)."""
     if not args.resume:
         return Progress()
-    state = resume_training_state(state_path, model, optimizer)
+    state = resume_training_state(state_path, model, optimizer, args=args, script=script)
     saved = {k: state[k] for k in schedule}
-    if saved != schedule:
+    if saved != schedule:  # the flags match (checked above), so the number of processes differs
         raise ValueError(f"{state_path} was written by a run with {saved}, this one has {schedule}: resume with the "
-                         f"same --batch-size, --epochs, --subset and number of processes")
-    if dist_env.is_main:
-        print(f"resumed from {state_path} at step {state['step']}")
+                         f"same number of processes")
     # the epoch's loss so far is the all-rank total, carried by rank 0
     return Progress(state["step"], state["best"], state["init_metrics"],
                     tuple(state["epoch_loss"]) if dist_env.is_main else (0.0, 0))
 
 
-def save_state(state_path, model, optimizer, progress, schedule, args, dist_env):
+def save_state(state_path, model, optimizer, progress, schedule, args, script, dist_env):
     """Every rank calls this (the epoch-loss total is a collective); rank 0 writes state.pt atomically."""
     epoch_loss = all_ranks_sum(list(progress.epoch_loss), dist_env.device)
     if dist_env.is_main:
-        save_checkpoint(training_state(model, optimizer, progress.step, best=progress.best,
+        save_checkpoint(training_state(model, optimizer, progress.step, script=script, best=progress.best,
                                        init_metrics=progress.init_metrics, epoch_loss=epoch_loss, args=vars(args),
                                        config=dataclasses.asdict(model.config), **schedule),
                         state_path)
@@ -188,7 +189,7 @@ def end_of_epoch(model, data, progress, epoch, lr, seconds, args, export, dist_e
                               else metrics["val_loss"] < best["val_loss"])
     if dist_env.is_main:
         tqdm.write(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-                   f"val 2AFC {metrics['val_2afc']:.4f}" + (" (best)" if better else ""))
+                   f"val 2AFC {metrics['val_2afc']:.2f}%" + (" (best)" if better else ""))
         weights = export(model)
         save_checkpoint(weights, os.path.join(args.out, "last.pt"))
         if better:
@@ -205,7 +206,7 @@ def write_result(args, out_name, best):
     target = os.path.join(args.out, out_name)
     shutil.copyfile(source, target + ".tmp")
     os.replace(target + ".tmp", target)
-    print(f"wrote {target} ({args.final} epoch; best val 2AFC epoch {best['epoch']}: {best['val_2afc']:.4f})")
+    print(f"wrote {target} ({args.final} epoch; best val 2AFC epoch {best['epoch']}: {best['val_2afc']:.2f}%)")
     return target
 
 
@@ -213,15 +214,17 @@ def write_result(args, out_name, best):
 # The training loop
 
 
-def train(args, model, dist_env, out_name="nights.pt", export=None):
+def train(args, model, dist_env, out_name="nights.pt", export=None, script="train_nights.py", loaded=None):
     """Train the parameters of `model` that require grad (all inside model.visual) with the hinge loss on NIGHTS.
 
     export(model) -> the plain CLIP state dict written to last.pt / best.pt / out_name (default model.state_dict();
-    finetune_qkv.py passes one that merges LoRA). Returns a dict of results (init/last/best validation metrics), or
-    None when --stop-after-steps stopped the run (state.pt written: --resume continues it).
+    finetune_qkv.py passes one that merges LoRA). script: which script runs (state.pt and args.json name it);
+    loaded: what was loaded into the model before (args.json). Returns a dict of results (init/last/best validation
+    metrics), or None when --stop-after-steps stopped the run (state.pt written: --resume continues it); a signal
+    stops it the same way and raises model.Preempted.
     """
     export = export or (lambda m: m.state_dict())
-    args.precision = args.precision or ("bf16" if dist_env.device.type == "cuda" else "fp32")
+    args.precision = args.precision or default_precision(dist_env.device)
     args.final = args.final or "last"
     model.to(dist_env.device)
     data = nights_data(args, model.config.image_size, dist_env)
@@ -233,20 +236,23 @@ def train(args, model, dist_env, out_name="nights.pt", export=None):
         print(f"{len(data.train_set)} train / {len(data.val_loader.dataset)} val triplets, {data.steps_per_epoch} "
               f"steps per epoch, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
               f"parameters, {dist_env.world_size} process(es) on {dist_env.device}, {args.precision}")
+        warn_long_warmup(warmup_steps, total_steps, f"--warmup-epochs {args.warmup_epochs}")
 
     os.makedirs(args.out, exist_ok=True)
     state_path = os.path.join(args.out, "state.pt")
-    args.resume = resuming(args.resume, state_path)
-    progress = start_or_resume(args, model, optimizer, state_path, schedule, dist_env)
+    args.resume = resuming(args.resume, state_path, args, script)
+    progress = start_or_resume(args, model, optimizer, state_path, schedule, script, dist_env)
     if dist_env.is_main:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(model.config), f, indent=2)
-    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=dist_env.is_main, resume=args.resume)
+        write_run_record(args.out, script, args, None if args.resume else loaded or {})
+    logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=dist_env.is_main, resume=args.resume,
+                         step=progress.step)
     if progress.init_metrics is None:  # the starting point, logged as epoch 0 (chance for a random init)
         progress.init_metrics = evaluate(model, data.val_loader, dist_env.device, args.precision, args.margin)
         logger.log(epoch=0, step=0, **progress.init_metrics)
         if dist_env.is_main:
-            print(f"epoch 0 (init): val 2AFC {progress.init_metrics['val_2afc']:.4f}, "
+            print(f"epoch 0 (init): val 2AFC {progress.init_metrics['val_2afc']:.2f}%, "
                   f"val loss {progress.init_metrics['val_loss']:.4f}")
 
     # Only the trainable parameters live in the vision tower, so DDP wraps just that (it has a plain forward).
@@ -261,8 +267,11 @@ def train(args, model, dist_env, out_name="nights.pt", export=None):
         model.train()
         t0 = time.time()
         for batch in bar:
-            if args.stop_after_steps is not None and progress.step >= args.stop_after_steps:  # resumable stop
-                save_state(state_path, model, optimizer, progress, schedule, args, dist_env)
+            stop = stop_reason(progress.step, args.stop_after_steps, dist_env.device)  # all ranks agree
+            if stop:  # --stop-after-steps reached, or a signal: state.pt, one line, and (signal) Preempted
+                save_state(state_path, model, optimizer, progress, schedule, args, script, dist_env)
+                bar.close()
+                report_stop(stop, progress.step, total_steps, state_path, script)
                 return None
             # learning rate
             lr = learning_rate(args, progress.step, total_steps, warmup_steps)
@@ -275,12 +284,12 @@ def train(args, model, dist_env, out_name="nights.pt", export=None):
             # log and save
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if args.save_every_steps and progress.step % args.save_every_steps == 0:
-                save_state(state_path, model, optimizer, progress, schedule, args, dist_env)
+                save_state(state_path, model, optimizer, progress, schedule, args, script, dist_env)
         bar.close()
         # end of epoch: validation and checkpoints, then state.pt (so a resumed run never misses an epoch's files)
         metrics = end_of_epoch(model, data, progress, epoch, lr, time.time() - t0, args, export, dist_env)
         logger.log(**metrics)
-        save_state(state_path, model, optimizer, progress, schedule, args, dist_env)
+        save_state(state_path, model, optimizer, progress, schedule, args, script, dist_env)
 
     result = write_result(args, out_name, progress.best) if dist_env.is_main else os.path.join(args.out, out_name)
     return {"init": progress.init_metrics, "last": metrics, "best": progress.best, "checkpoint": result}
@@ -289,6 +298,7 @@ def train(args, model, dist_env, out_name="nights.pt", export=None):
 def main(argv=None):
     args = parse_training_args(get_parser(), argv)
     dist_env = setup_distributed(timeout_minutes=args.dist_timeout)
+    catch_stop_signals()  # SIGTERM, SIGUSR1, Ctrl-C: stop after the current step, with state.pt written
     try:
         torch.manual_seed(args.seed)  # the same random CLIP on every rank
         model = CLIP(preset_config(args.model))
@@ -298,8 +308,9 @@ def main(argv=None):
         model.set_grad_checkpointing(args.grad_checkpointing)
         return train(args, model, dist_env, out_name="nights.pt")
     finally:
+        restore_signals()
         cleanup_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
