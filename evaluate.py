@@ -810,7 +810,7 @@ def build_dataset(name, root, transform, download=False):
         return read_wds_classification(name, root, transform)
     ds, classes, note = BENCHMARKS[name].read(root, transform, download)
     listed = prompts()[name]["classes"]
-    return ds, listed if listed is not None else classes, {"split": note}
+    return ds, listed if listed is not None else classes, {"split": note, "layout": "raw"}
 
 
 def our_classnames(name):
