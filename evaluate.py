@@ -11,8 +11,9 @@ perceptual probes (TID2013, texture-shape bias, noise sensitivity).
     python evaluate.py --checkpoint demo/pi.pt --compare demo/base.pt --model tiny --merges ... \
         --datasets "" --retrieval "" --synthetic demo/world        # the CPU demo's synthetic world
 
-From training code: zero_shot_eval(model, tokenizer, "imagenet1k", root), retrieval_eval(model, tokenizer, json),
-nights_eval(model, nights_root), folder_zero_shot_eval(...), synthetic_eval(model, tokenizer, world_root).
+From training code: zero_shot_eval(model, tokenizer, "imagenet1k", dataset_root(data_root, "imagenet1k")),
+retrieval_eval(model, tokenizer, json_or_wds_folder), nights_eval(model, nights_root), folder_zero_shot_eval(...),
+synthetic_eval(model, tokenizer, world_root).
 
 Everything reads from one folder per dataset under --data-root: the set's raw files, or its webdataset copy as
 clip_benchmark and DataComp publish them (wds_<name>/, read with tarfile), which is used ahead of the raw files when
@@ -596,10 +597,9 @@ def wds_samples(shard):
     return samples
 
 
-def read_member(shard, offset, size):
-    with open(shard, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+def read_member(f, offset, size):
+    f.seek(offset)
+    return f.read(size)
 
 
 class WdsTestSplit(Dataset):
@@ -610,16 +610,20 @@ class WdsTestSplit(Dataset):
     def __init__(self, root, transform, retrieval=False):
         self.transform, self.items, self.captions = transform, [], []
         for shard in wds_shards(root):
-            for key, fields in wds_samples(shard):
-                image = next((fields[e] for e in WDS_IMAGE_EXTENSIONS if e in fields), None)
-                text = fields.get("txt" if retrieval else "cls")
-                text = None if text is None else read_member(shard, *text).decode("utf-8")
-                if retrieval:  # str.splitlines, as build_wds_dataset's map_tuple(transform, str.splitlines)
-                    self.captions.append([] if text is None else text.splitlines())
-                    label = len(self.items) if text is not None else None
-                else:
-                    label = int(text.strip()) if text is not None and text.strip().isdigit() else None
-                self.items.append((f"{shard}:{key}", shard, image, label))
+            with open(shard, "rb") as f:  # labels and captions are read now (they are small), images when asked
+                for key, fields in wds_samples(shard):
+                    self.add(shard, key, fields, f, retrieval)
+
+    def add(self, shard, key, fields, f, retrieval):
+        image = next((fields[e] for e in WDS_IMAGE_EXTENSIONS if e in fields), None)
+        text = fields.get("txt" if retrieval else "cls")
+        text = None if text is None else read_member(f, *text).decode("utf-8")
+        if retrieval:  # str.splitlines, as build_wds_dataset's map_tuple(transform, str.splitlines)
+            self.captions.append([] if text is None else text.splitlines())
+            label = len(self.items) if text is not None else None
+        else:
+            label = int(text.strip()) if text is not None and text.strip().isdigit() else None
+        self.items.append((f"{shard}:{key}", shard, image, label))
 
     def __len__(self):
         return len(self.items)
@@ -628,11 +632,8 @@ class WdsTestSplit(Dataset):
         _, shard, image, label = self.items[i]
         if image is None or label is None:
             raise ValueError("sample has no " + ("image (.webp/.png/.jpg/.jpeg)" if image is None else "label"))
-        with Image.open(io.BytesIO(read_member(shard, *image))) as img:
+        with open(shard, "rb") as f, Image.open(io.BytesIO(read_member(f, *image))) as img:
             return self.transform(img.convert("RGB")), label
-
-    def labels(self):
-        return [label for *_, label in self.items if label is not None]
 
 
 def wds_text(root, name):
@@ -809,7 +810,7 @@ def build_dataset(name, root, transform, download=False):
         return read_wds_classification(name, root, transform)
     ds, classes, note = BENCHMARKS[name].read(root, transform, download)
     listed = prompts()[name]["classes"]
-    return ds, listed if listed is not None else classes, {"split": note}
+    return ds, listed if listed is not None else classes, {"split": note, "layout": "raw"}
 
 
 def our_classnames(name):

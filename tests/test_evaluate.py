@@ -593,6 +593,7 @@ def test_cli_end_to_end_with_compare_and_skips(tmp_path):
     za = ours["zeroshot"]["imagenet-a"]  # 3 of ImageNet-A's 200 class folders: still the 200-way task, flagged
     assert za["n"] == 9 and za["n_classes"] == 200 and za["n_classes_with_images"] == 3 and 0 <= za["top1"] <= 100
     assert "only 3 of the 200 classes have images" in za["incomplete"] and za["split"] == "test"
+    assert za["layout"] == "raw"
     assert za["path"] == str(root / "imagenet-a")
     assert ours["zeroshot"]["cifar10"] == {"skipped": "missing", "path": str(root / "cifar10")}
     assert ours["zeroshot"]["imagenet-o"]["skipped"].startswith("no images found")
