@@ -400,8 +400,8 @@ def main(argv=None):
                          state_path=state_path, args=args, dist_env=dist_env)
     finally:
         bar.close()
-        restore_signals()
         cleanup_distributed()
+        restore_signals()  # last: a rank still leaving when torchrun signals it, after another rank ended, exits 75
     return raw
 
 
