@@ -165,8 +165,8 @@ def main(argv=None):
         return train(args, model, dist_env, out_name="finetuned.pt", export=merged_state_dict,
                      script="finetune_qkv.py", loaded=loaded)
     finally:
-        restore_signals()
         cleanup_distributed()
+        restore_signals()  # last: a rank still leaving when torchrun signals it, after another rank ended, exits 75
 
 
 if __name__ == "__main__":

@@ -646,7 +646,7 @@ def _on_stop_signal(signum, frame):
     if _stop and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C: stop at once, state.pt as the last save left it
     _stop.append(signal.Signals(signum).name)
-    if int(os.environ.get("RANK", "0")) == 0:  # os.write: a print here could re-enter a print the signal interrupted
+    if len(_stop) == 1 and int(os.environ.get("RANK", "0")) == 0:  # os.write: a print could re-enter an interrupted one
         os.write(2, f"\n{_stop[-1]}: stopping after this step (state.pt will be written; Ctrl-C again stops at "
                     f"once)\n".encode())
 
@@ -772,6 +772,8 @@ def run_main(main):
     try:
         main()
     except Preempted:
+        for sig in STOP_SIGNALS:  # leaving now: torchrun's SIGTERM to the ranks still running must not change that
+            signal.signal(sig, signal.SIG_IGN)
         sys.exit(PREEMPTED)
     except KeyboardInterrupt:
         print(f"{script}: interrupted; --resume continues from the last state.pt", file=sys.stderr)

@@ -431,8 +431,8 @@ def main(argv=None):
     finally:
         batches.close()
         bar.close()
-        restore_signals()
         cleanup_distributed()
+        restore_signals()  # last: a rank still leaving when torchrun signals it, after another rank ended, exits 75
     return raw
 
 

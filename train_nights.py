@@ -308,8 +308,8 @@ def main(argv=None):
         model.set_grad_checkpointing(args.grad_checkpointing)
         return train(args, model, dist_env, out_name="nights.pt")
     finally:
-        restore_signals()
         cleanup_distributed()
+        restore_signals()  # last: a rank still leaving when torchrun signals it, after another rank ended, exits 75
 
 
 if __name__ == "__main__":
