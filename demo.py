@@ -121,8 +121,9 @@ class Follow:
 
     def describe(self, r):
         parts = [f"  [{self.name}] epoch {r['epoch']}/{self.epochs}, step {r.get('step')}"]
-        if r.get("train_loss") is not None or self.loss is not None:
-            parts.append(f"loss {r.get('train_loss', self.loss):.3f}")
+        loss = r.get("train_loss") if r.get("train_loss") is not None else self.loss  # stage 1's, or the last step's
+        if loss is not None:
+            parts.append(f"loss {loss:.3f}")
         if r.get("val_2afc") is not None:  # a fraction or a percent, whichever the script logs: chance is 50%
             parts.append(f"val 2AFC {r['val_2afc'] * (100 if r['val_2afc'] <= 1 else 1):.1f}%")
         return ", ".join(parts) + f" ({time.time() - self.t0:.0f} s)"
