@@ -11,8 +11,8 @@ betas (0.5, 0.999), lr 3e-4, no weight decay, batch 32, 8 epochs, margin 0.05 an
 loader only resizes); the epoch with the lowest validation loss is kept. Every value has a flag. Every checkpoint
 this script writes has LoRA merged back into plain `in_proj_weight`s, so it loads into CLIP like any other.
 
-    python finetune_qkv.py --checkpoint runs/baseline/clip.pt --data /path/to/nights --out runs/ft_qkv
-    python finetune_qkv.py --checkpoint runs/baseline/clip.pt --data ... --out runs/ft_lora --lora 16
+    python finetune_qkv.py --checkpoint runs/baseline/epoch_32.pt --data /path/to/nights --out runs/ft_qkv
+    python finetune_qkv.py --checkpoint runs/baseline/epoch_32.pt --data ... --out runs/ft_lora --lora 16
 
 The model is rebuilt by model.config_for: --config, else the config.json beside the checkpoint, else --model. The
 training loop, evaluation, checkpointing and --resume are those of train_nights.py; the result is
@@ -35,7 +35,9 @@ from train_nights import add_nights_args, train
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the trained CLIP to fine-tune (a plain state dict)")
-    p.add_argument("--config", default=None, help="CLIPConfig JSON of the checkpoint (default: config.json beside it)")
+    p.add_argument("--config", default=None,
+                   help="CLIPConfig JSON of the checkpoint (default: the config.json beside it; without one, the "
+                        "--model preset, else ViT-B-32)")
     add_run_args(p, data_help="NIGHTS folder as distributed (data.csv + ref/ + distort/)", model=None)
     add_nights_args(p, best_by="val_loss",
                     final_help="which epoch becomes finetuned.pt (default: best with --lora, as Sundaram et al.; the "

@@ -1032,7 +1032,7 @@ def add_run_args(p, data_help, model="ViT-B-32", save_every_steps=0):
     p.add_argument("--data", help=data_help + " (required)")  # checked by parse_training_args: old names count
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", type=preset_name, default=model,
-                   help=f"architecture preset: {', '.join(MODEL_PRESETS)}")
+                   help=f"architecture preset: {', '.join(MODEL_PRESETS)}" + ("" if model else "; see --config"))
     p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation draws")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers per process (default: the CPU cores this process may use, shared among "

@@ -1,8 +1,13 @@
 """The CPU demo's synthetic world: coloured shapes with captions, written to disk in the formats of the real data.
 
-Only demo.py and the tests build it; the training and evaluation scripts read what it writes through the same
-readers they use for NIGHTS, img2dataset shards, ImageFolder trees and Karpathy JSON (data.py, evaluate.py).
+    python synthetic_world.py world/                      # the default sizes (the flags below), 64-px images
+    python synthetic_world.py world/ --n-pairs 30000 --n-retrieval 200 --image-size 32 --seed 1   # demo.py's, seed 1
+
+demo.py and the tests build it (make_synthetic_world); the training and evaluation scripts read what it writes
+through the same readers they use for NIGHTS, img2dataset shards, ImageFolder trees and Karpathy JSON (data.py,
+evaluate.py).
 """
+import argparse
 import csv
 import io
 import json
@@ -12,6 +17,7 @@ import os
 import re
 import shutil
 import tarfile
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -335,7 +341,19 @@ def _observer_votes(rng, left_change, right_change):
     return votes, round(int(rng.binomial(votes, p_right)) / votes, 4)
 
 
-def _write_nights(rng, out, n_triplets, image_size):
+class _Progress:
+    """One line per tenth of a part of the world as it is written (make_synthetic_world(verbose=True)): a full-size
+    world takes a minute or more, mostly PNG encoding."""
+
+    def __init__(self, verbose):
+        self.verbose, self.t0 = verbose, time.time()
+
+    def __call__(self, part, done, total):
+        if self.verbose and (done == total or done % max(1, total // 10) == 0):
+            print(f"world: {part} {done:,}/{total:,} ({time.time() - self.t0:.0f} s)", flush=True)
+
+
+def _write_nights(rng, out, n_triplets, image_size, progress):
     """n_triplets rows with >= 6 votes (what the reader keeps), plus some tied rows (3-5 votes, filtered out)."""
     rows, changes, n_kept = [], [], 0
     while n_kept < n_triplets:
@@ -347,6 +365,8 @@ def _write_nights(rng, out, n_triplets, image_size):
             continue  # a tie: 7 draws in 18; one in ten is written, enough to exercise the reader's filter
         left, right = (change_scene(rng, ref, k) for k in kinds)
         n_kept += votes >= 6
+        if votes >= 6:
+            progress("NIGHTS triplets", n_kept, n_triplets)
         rel = {"ref_path": f"ref/{i // 1000:03d}/{i % 1000:03d}.png",
                "left_path": f"distort/{i // 1000:03d}/{i % 1000:03d}_0.png",
                "right_path": f"distort/{i // 1000:03d}/{i % 1000:03d}_1.png"}
@@ -401,21 +421,29 @@ def _write_shard(job):
     return os.path.join(out, f"{s:05d}.tar")
 
 
-def _write_shards(seed_seq, out, n_pairs, samples_per_shard, image_size, processes):
+def _write_shards(seed_seq, out, n_pairs, samples_per_shard, image_size, processes, progress):
     """The shards, each from its own child seed, so that `processes` processes can write them at once and the bytes
-    do not depend on how many did."""
+    do not depend on how many did (default: one per core this process may run on)."""
     if not 1 <= samples_per_shard <= 10_000:
         raise ValueError("samples_per_shard must be in 1..10000 (img2dataset's 4-digit sample index)")
     os.makedirs(out, exist_ok=True)
     n_shards = math.ceil(n_pairs / samples_per_shard)
     jobs = [(child, out, s, min(samples_per_shard, n_pairs - s * samples_per_shard), image_size)
             for s, child in enumerate(seed_seq.spawn(n_shards))]
-    processes = min(processes or os.cpu_count() or 1, n_shards)
+    processes = min(processes or len(os.sched_getaffinity(0)), n_shards)
     if processes <= 1:
-        return list(map(_write_shard, jobs))
+        paths = []
+        for job in jobs:
+            paths.append(_write_shard(job))
+            progress("image-caption shards", len(paths), n_shards)
+        return paths
     # spawn, not fork: the caller may hold torch's thread pools, which a forked child must not inherit
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        return pool.map(_write_shard, jobs)
+        paths = []
+        for path in pool.imap(_write_shard, jobs):  # in order, as they finish
+            paths.append(path)
+            progress("image-caption shards", len(paths), n_shards)
+        return paths
 
 
 def _write_zeroshot(rng, out, n_test_per_class, image_size):
@@ -457,14 +485,15 @@ _MARKER = "synthetic_world.json"
 
 
 def make_synthetic_world(root, seed=0, n_pairs=5000, n_triplets=2000, n_test_per_class=40, n_retrieval=500,
-                         image_size=64, samples_per_shard=1000, processes=None):
+                         image_size=64, samples_per_shard=1000, processes=None, verbose=False):
     """Write the synthetic world under `root` (see the section comment) and return its paths as a SyntheticWorld.
 
     n_pairs image-caption pairs in shards of samples_per_shard; n_triplets NIGHTS triplets with >= 6 votes (plus
     about n_triplets / 16 tied rows with fewer, which the reader filters out); n_test_per_class images per class of
     each zero-shot task; n_retrieval images with 5 captions each. `processes` write the shards (default: one per
-    CPU core). Re-running on a root this function wrote replaces its parts; a root holding any of nights/, shards/,
-    zeroshot/, retrieval/ that it did not write is refused, so real data is never deleted."""
+    available CPU core); verbose prints progress as the parts are written. Re-running on a root this function wrote
+    replaces its parts; a root holding any of nights/, shards/, zeroshot/, retrieval/ that it did not write is
+    refused, so real data is never deleted."""
     marker = os.path.join(root, _MARKER)
     present = [p for p in _PARTS if os.path.exists(os.path.join(root, p))]
     if present and not os.path.isfile(marker):
@@ -476,12 +505,16 @@ def make_synthetic_world(root, seed=0, n_pairs=5000, n_triplets=2000, n_test_per
     # one child generator per part: the parts do not shift each other when one's size changes
     seeds = np.random.SeedSequence(seed).spawn(len(_PARTS))
     rngs = [np.random.default_rng(s) for s in seeds]
+    progress = _Progress(verbose)
     nights = os.path.join(root, "nights")
-    n_rows = _write_nights(rngs[0], nights, n_triplets, image_size)
-    shards = _write_shards(seeds[1], os.path.join(root, "shards"), n_pairs, samples_per_shard, image_size, processes)
+    n_rows = _write_nights(rngs[0], nights, n_triplets, image_size, progress)
+    shards = _write_shards(seeds[1], os.path.join(root, "shards"), n_pairs, samples_per_shard, image_size, processes,
+                           progress)
     zeroshot = _write_zeroshot(rngs[2], os.path.join(root, "zeroshot"), n_test_per_class, image_size)
+    progress("zero-shot test images per class", n_test_per_class, n_test_per_class)
     retrieval_root = os.path.join(root, "retrieval")
     retrieval_json = _write_retrieval(rngs[3], retrieval_root, n_retrieval, image_size)
+    progress("retrieval images", n_retrieval, n_retrieval)
     args = {"seed": seed, "n_pairs": n_pairs, "n_triplets": n_triplets, "n_test_per_class": n_test_per_class,
             "n_retrieval": n_retrieval, "image_size": image_size, "samples_per_shard": samples_per_shard}
     with open(marker, "w") as f:
@@ -489,3 +522,32 @@ def make_synthetic_world(root, seed=0, n_pairs=5000, n_triplets=2000, n_test_per
     pattern = os.path.join(root, "shards", f"{{00000..{len(shards) - 1:05d}}}.tar") if shards else None
     return SyntheticWorld(root, nights, shards, pattern, zeroshot, retrieval_json, retrieval_root,
                           counts={"nights_rows": n_rows, **args})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", help="folder to write the world into (an empty one, or one this script wrote before)")
+    p.add_argument("--seed", type=int, default=0, help="every image, caption and vote follows from it (default: 0)")
+    p.add_argument("--n-pairs", type=int, default=5000, help="image-caption pairs in the tar shards (default: 5000)")
+    p.add_argument("--n-triplets", type=int, default=2000,
+                   help="NIGHTS-style triplets with at least 6 votes (default: 2000)")
+    p.add_argument("--n-test-per-class", type=int, default=40,
+                   help="test images per class of each zero-shot task (default: 40)")
+    p.add_argument("--n-retrieval", type=int, default=500,
+                   help="retrieval images, 5 captions each (default: 500)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64; the demo uses 32)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="pairs per tar shard (default: 1000)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="processes writing the shards (default: one per available core)")
+    args = p.parse_args(argv)
+    world = make_synthetic_world(args.root, seed=args.seed, n_pairs=args.n_pairs, n_triplets=args.n_triplets,
+                                 n_test_per_class=args.n_test_per_class, n_retrieval=args.n_retrieval,
+                                 image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+                                 processes=args.processes, verbose=True)
+    print(f"NIGHTS folder: {world.nights}\nshards: {world.shard_pattern}\n"
+          f"zero-shot tasks: {os.path.join(world.root, 'zeroshot')}\nretrieval JSON: {world.retrieval_json}")
+    return world
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ baseline (§3.3).
 
   torchrun --nproc_per_node 6 train_clip.py --data 'yfcc/{00000..01499}.tar' \\
       --merges bpe_simple_vocab_16e6.txt.gz --init runs/nights/nights.pt --out runs/pi
-  python train_clip.py --model tiny --train-data pairs.csv --merges merges.txt.gz --batch-size 64 --epochs 2
+  python train_clip.py --model tiny --data pairs.csv --merges merges.txt.gz --batch-size 64 --epochs 2 --out runs/tiny
 
 --batch-size is the GLOBAL batch (the paper's 30,720): each of the G ranks holds batch/G pairs, and clip_loss
 gathers the text features so that every step optimises the exact full-batch loss (eq. 3). When batch/G does not fit

@@ -71,6 +71,102 @@ def test_scaling_png_log_log_with_fits(tmp_path):
     assert fit["beta"] == pytest.approx(0.3)
 
 
+def _stage1_log(path, percent=False):
+    """The lines train_nights.py / finetune_qkv.py write: epoch 0 (before training), then one per epoch."""
+    unit = 100 if percent else 1
+    lines = [{"epoch": 0, "step": 0, "val_loss": 0.06, "val_2afc": 0.62 * unit}]
+    lines += [{"epoch": e, "step": 10 * e, "train_loss": 0.05 / e, "lr": 1e-3 / e, "val_loss": 0.05 / e,
+               "val_2afc": (0.62 + 0.05 * e) * unit, "epoch_s": 3.0} for e in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return str(path)
+
+
+def _panels(fig):
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+
+
+def _check_axes_readable(fig):
+    """Every visible panel has both axes labelled, plain tick labels (no 10^k), and no two tick labels overlap."""
+    fig.canvas.draw()
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
+            assert len(labels) >= 2, (ax.get_title(), [t.get_text() for t in labels])
+            for t in labels:
+                assert "10^" not in t.get_text() and "times" not in t.get_text(), t.get_text()
+            boxes = [t.get_window_extent() for t in labels]
+            for i, a in enumerate(boxes):
+                for b in boxes[i + 1:]:
+                    assert not a.overlaps(b), (ax.get_title(), [t.get_text() for t in labels])
+        assert not ax.yaxis.get_offset_text().get_text(), ax.get_title()  # no "1e-3" over the title
+
+
+def test_curves_read_stage1_logs_beside_stage2_ones(tmp_path):
+    """train_nights.py's log (2AFC as a fraction) and a log with 2AFC in percent, with a train_clip.py log: one row
+    of panels per kind, 2AFC in percent in both, every axis labelled."""
+    stage2 = _log(tmp_path / "pi.jsonl", 30, seed=0)
+    nights = _stage1_log(tmp_path / "nights.jsonl")
+    qkv = _stage1_log(tmp_path / "qkv.jsonl", percent=True)
+    fig = plots.curves_figure([stage2, nights, qkv], labels=["PI", "stage 1", "human-later"])
+    panels = _panels(fig)
+    assert {"contrastive loss (eq. 3)", "validation 2AFC"} <= set(panels)
+    for line in panels["validation 2AFC"].get_lines():
+        assert list(line.get_xdata()) == [0, 1, 2, 3]
+        assert list(line.get_ydata()) == pytest.approx([62, 67, 72, 77])
+    assert panels["validation 2AFC"].get_ylabel() == "2AFC agreement (%)"
+    assert len(panels["hinge loss (eq. 2): train —, val - -"].get_lines()) == 4  # train and val of both runs
+    _check_axes_readable(fig)
+    # from the command line, a stage-1 log alone
+    plots.main(["curves", nights, "--out", str(tmp_path / "stage1.png")])
+    assert _plotted_fraction(tmp_path / "stage1.png")[0] > 0.01
+
+
+def test_read_log_keeps_the_last_record_of_a_step_logged_twice(tmp_path):
+    path = tmp_path / "log.jsonl"  # killed after step 3, resumed from step 1
+    path.write_text("".join(json.dumps({"step": s, "loss": loss}) + "\n"
+                            for s, loss in ((1, 3.0), (2, 2.9), (3, 2.8), (2, 2.7), (3, 2.6))))
+    assert [(r["step"], r["loss"]) for r in plots.read_log(str(path))] == [(1, 3.0), (2, 2.7), (3, 2.6)]
+
+
+def test_scaling_axes_plain_ticks_and_a_zero_point(tmp_path):
+    """Percentages within one point of 100, a curve over 20-70%, and a recall that is 0 at the first checkpoint:
+    plain tick labels that do not overlap, both axes labelled with units, and the zero named in the legend."""
+    n = [30000 * e for e in range(1, 11)]
+    rows = [{"run": run, "samples_seen": s, "shape top1": 20 * (1 + k) * e ** 0.45,
+             "colour top1": 100.0 if e % 3 else 99.2, "i2t_r1": 0.0 if (run, e) == ("pi", 1) else 9.0 * e ** 0.6}
+            for k, run in enumerate(("pi", "baseline")) for e, s in enumerate(n, 1)]
+    fig = plots.scaling_figure(rows, curves=["shape top1", "colour top1", "i2t_r1"])
+    panels = _panels(fig)
+    assert panels["shape top1"].get_ylabel() == "top-1 accuracy (%)"
+    assert panels["i2t_r1"].get_ylabel() == "recall@1 (%)"
+    assert panels["i2t_r1"].get_xlabel() == "samples seen (image-text pairs)"
+    legend = [t.get_text() for t in panels["i2t_r1"].get_legend().get_texts()]
+    assert legend[0].startswith("pi: β = ") and "1 at 0" in legend[0]
+    # the fit leaves the zero out: β from the nine positive points
+    want = ev.fit_power_law(n[1:], [9.0 * e ** 0.6 for e in range(2, 11)])["beta"]
+    assert legend[0].startswith(f"pi: β = {want:.3f}")
+    _check_axes_readable(fig)
+    colour = [t.get_text() for t in panels["colour top1"].yaxis.get_ticklabels() if t.get_text()]
+    assert all(99 <= float(t) <= 100 for t in colour), colour
+
+
+@pytest.mark.parametrize("lo, hi", [(25.0, 80.0), (99.1, 100.05), (8.0, 40.0), (27000.0, 330000.0), (0.5, 99.0)])
+def test_log_ticks_are_inside_and_apart(lo, hi):
+    ticks = plots.log_ticks(lo, hi, min_gap=0.1)
+    assert len(ticks) >= 3 and all(lo <= t <= hi for t in ticks)
+    gaps = np.diff(np.log10(ticks)) / np.log10(hi / lo)
+    assert (gaps >= 0.1 - 1e-9).all(), ticks
+
+
+def test_plain_numbers():
+    assert [plots.plain_number(v) for v in (30000, 300000, 1.5e6, 15e6, 99.6, 100.0, 0.5)] == \
+        ["30k", "300k", "1.5M", "15M", "99.6", "100", "0.5"]
+    assert plots.scaled_number(0.0015, power=-3) == "1.5"
+
+
 def test_scaling_without_any_fittable_curve_is_a_clear_error(tmp_path):
     rows = [{"run": "pi", "samples_seen": 1000, "shape top1": 0.0}, {"run": "pi", "samples_seen": 2000,
                                                                      "shape top1": 0.0}]
