@@ -2,7 +2,7 @@
 that an example cannot name a flag that does not exist, a deprecated spelling, or a value of the wrong type.
 
 A command is a `python X.py ...` or `torchrun ... X.py ...` line (backslash continuations joined, `&&` chains
-split, `# comments` dropped) in a README code block or inline code span, or at the start of a line of a script's
+split, a trailing `&` and `# comments` dropped) in a README code block or inline code span, or at the start of a line of a script's
 docstring. X.py's main(argv) runs until its parser has parsed argv, and stops there: nothing is trained or read."""
 import argparse
 import importlib
@@ -28,6 +28,8 @@ def commands_in(text):
             continue
         if words[:1] == ["srun"]:  # srun torchrun ...
             words = words[1:]
+        if words[-1:] == ["&"]:  # started in the background
+            words = words[:-1]
         if not words or words[0] not in LAUNCHERS:
             continue
         scripts = [i for i, w in enumerate(words) if os.path.basename(w) in SCRIPTS]
