@@ -57,7 +57,9 @@ class CLIPConfig:
     quick_gelu: bool = False
     # the PI paper (§3.2) initialises the learnable logit scale to ln(100); CLIP's own default is ln(1/0.07)
     logit_scale_init: float = math.log(100.0)
-    grad_checkpointing: bool = False
+    # which transformer blocks recompute their activations in backward: False, True (all), a fraction of each
+    # tower's blocks (the first ones), or "every:K" (blocks 0, K, 2K, ...); see checkpointed_blocks
+    grad_checkpointing: bool | float | str = False
 
     @classmethod
     def tiny(cls, **overrides):
@@ -80,6 +82,18 @@ class QuickGELU(nn.Module):
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose output has its input's dtype, as open_clip's own LayerNorm class.
+
+    CUDA autocast runs layer_norm in fp32 and returns fp32, so with plain nn.LayerNorm every residual stream after the
+    first norm would be fp32 on a GPU (twice the activation memory of bf16, and a cast before each matmul). Casting
+    back keeps the streams in the autocast dtype; the normalisation itself is still computed in fp32. Without
+    autocast the cast is a no-op: fp32 runs, evaluation and the state dict (weight, bias) are unchanged."""
+
+    def forward(self, x):
+        return super().forward(x).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -114,9 +128,9 @@ class ResidualAttentionBlock(nn.Module):
 
     def __init__(self, width, heads, quick_gelu):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = LayerNorm(width)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, 4 * width)),
             ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
@@ -128,18 +142,54 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def checkpointed_blocks(spec, layers):
+    """Which of a tower's `layers` blocks recompute their activations in backward, as a list of bools, from a
+    --grad-checkpointing value: False/0 (none), True/1 (all), a fraction f in (0, 1) (the first round(f * layers)
+    blocks: in backward they come last, when the other blocks' activations are already freed), or "every:K"
+    (blocks 0, K, 2K, ...). Each checkpointed block keeps only its input for backward and runs its forward twice."""
+    spec = grad_checkpointing_value(spec)
+    if isinstance(spec, str):  # "every:K"
+        k = int(spec.split(":")[1])
+        return [i % k == 0 for i in range(layers)]
+    n = math.floor(float(spec) * layers + 0.5)  # False -> 0 blocks, True -> all of them
+    return [i < n for i in range(layers)]
+
+
+def grad_checkpointing_value(value):
+    """A --grad-checkpointing value in canonical form: False, True, a float in (0, 1), or "every:K" (K >= 1). Also
+    the flag's argparse type: the error names what it accepts."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("0", "0.0", "false", "off", "none"):
+        return False
+    if text in ("1", "1.0", "true", "on", "all", "every:1"):
+        return True
+    if text.startswith("every:") and text[6:].isdigit() and int(text[6:]) >= 1:
+        return f"every:{int(text[6:])}"
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = None
+    if fraction is None or not 0 < fraction < 1:
+        raise argparse.ArgumentTypeError(f"--grad-checkpointing takes 1 (all blocks, also the bare flag), 0, a "
+                                         f"fraction of the blocks in (0, 1), or every:K; got {value!r}")
+    return fraction
+
+
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, quick_gelu, causal):
         super().__init__()
         self.causal = causal  # the text tower attends only to earlier tokens
-        self.grad_checkpointing = False
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+        self.checkpointed = [False] * layers  # per block; set by CLIP.set_grad_checkpointing
 
     def forward(self, x):
-        for block in self.resblocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                # keep only the block input; recompute its activations in backward (~1.33x compute, ~Lx less memory)
-                x = checkpoint(block, x, self.causal, use_reentrant=False)
+        for block, ckpt in zip(self.resblocks, self.checkpointed):
+            if ckpt and torch.is_grad_enabled():
+                # keep only the block input; recompute its activations in backward (~1.33x compute, ~Lx less
+                # memory). The blocks draw no random numbers (no dropout), so the RNG state need not be saved.
+                x = checkpoint(block, x, self.causal, use_reentrant=False, preserve_rng_state=False)
             else:
                 x = block(x, self.causal)
         return x
@@ -157,9 +207,9 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, cfg.vision_layers, cfg.vision_heads, cfg.quick_gelu, causal=False)
-        self.ln_post = nn.LayerNorm(width)
+        self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
 
     def forward(self, images):
@@ -182,7 +232,7 @@ class CLIP(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
         self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu, causal=True)
-        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.ln_final = LayerNorm(cfg.text_width)
         self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))  # log of the inverse temperature
         self._init_text_tower()
@@ -202,8 +252,9 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     def set_grad_checkpointing(self, enable=True):
-        self.visual.transformer.grad_checkpointing = enable
-        self.transformer.grad_checkpointing = enable
+        """enable: True/False (open_clip's signature), or a fraction / "every:K" (see checkpointed_blocks)."""
+        for tower in (self.visual.transformer, self.transformer):
+            tower.checkpointed = checkpointed_blocks(enable, len(tower.resblocks))
 
     def encode_image(self, images, normalize=False):
         x = self.visual(images)
@@ -213,6 +264,10 @@ class CLIP(nn.Module):
         if not torch.compiler.is_compiling():
             check_token_ids(tokens, self.config.vocab_size, self.config.context_length)
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        if torch.is_autocast_enabled(x.device.type):
+            # the embeddings are fp32; the vision stream is bf16 from conv1 on, and this one follows it (open_clip
+            # keeps its text stream fp32 under AMP: 12 more fp32 [b, 77, 512] block inputs to keep for backward)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         x = self.ln_final(self.transformer(x))
         # the sentence feature is the output at the EOT token, the highest id in each row
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ self.text_projection
@@ -1039,7 +1094,11 @@ def add_run_args(p, data_help, model="ViT-B-32", save_every_steps=0):
                         "the node's ranks, less one for the process itself)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="bf16 autocast (default on GPU; fp32 master weights either way) or fp32 (default on CPU)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--grad-checkpointing", type=grad_checkpointing_value, nargs="?", const=True, default=False,
+                   metavar="BLOCKS",
+                   help="recompute the activations of transformer blocks in backward to save memory: all blocks "
+                        "(the bare flag, or 1), the first fraction of each tower's blocks (e.g. 0.5), or every:K "
+                        "(blocks 0, K, 2K, ...); `python benchmark.py memory` says which setting fits which GPU")
     p.add_argument("--no-augment", action="store_true", help="train without the §3.4 augmentations")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its state.pt (or start it if there is none yet). Every flag "

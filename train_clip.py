@@ -24,6 +24,7 @@ node sees, since rank 0 writes the checkpoints and every rank reads state.pt on 
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -102,37 +103,72 @@ def get_args(argv=None):
     return parse_training_args(get_parser(), argv)
 
 
-def device_images(images, params, device, chunk=1024):
-    """A chunk of the rank batch as the model's input: uint8 crops (pinned host memory on GPU) are copied to the
-    device without blocking and augmented there with their own photometric parameters (data.device_transform,
-    batched). The augmentation's working memory is a few times its float output, so it runs `chunk` images at a
-    time (~3 GB at 1,024 x 224 px) instead of 15+ GB for 5,120 at once. Float images are taken as preprocessed."""
+def device_images(images, params, device, chunk=1024, transform=data.device_transform):
+    """A chunk of the rank batch as the model's input: uint8 crops (on the device already, or in pinned host memory,
+    then copied without blocking) augmented on the device with their own photometric parameters (`transform`:
+    data.device_transform, batched, or its compiled version). The augmentation's working memory is a few times its
+    float output, so it runs `chunk` images at a time (~3 GB at 1,024 x 224 px) instead of 15+ GB for 5,120 at once.
+    Float images are taken as preprocessed."""
     if images.is_floating_point():
         return images.to(device)
     images = images.to(device, non_blocking=True)
     params = None if params is None else params.to(device, non_blocking=True)
     if params is None or len(images) <= chunk:
-        return data.device_transform(images, params)
+        return transform(images, params)
     out = torch.empty(images.shape, dtype=torch.float32, device=device)
     for start in range(0, len(images), chunk):  # filled in place: no second copy of the float batch
-        out[start:start + chunk] = data.device_transform(images[start:start + chunk], params[start:start + chunk])
+        out[start:start + chunk] = transform(images[start:start + chunk], params[start:start + chunk])
     return out
+
+
+@functools.cache
+def compiled_device_transform():
+    """data.device_transform through torch.compile, made on first use (the compiled model's augmentation: dozens of
+    elementwise passes over the float batch fused into a few kernels)."""
+    return torch.compile(data.device_transform)
+
+
+def wrap_model(raw, dist_env, compile=False, bucket_cap_mb=None):
+    """The model train_step runs: DDP around the raw model on several ranks, then torch.compile around that, as
+    open_clip does. Compiled inside DDP instead, every parameter gradient would come out of one compiled backward
+    node and the all-reduce could start only when the whole backward is done; compiled around DDP, dynamo splits
+    the graph at DDP's gradient-bucket boundaries (its DDPOptimizer), so each bucket is all-reduced while the
+    backward of the layers before it still runs. bucket_cap_mb: DDP's bucket size (None: its default, 25 MB; the
+    tests make it small, so that a tiny model has several buckets)."""
+    model = raw
+    if dist_env.world_size > 1:
+        bucket = {} if bucket_cap_mb is None else dict(bucket_cap_mb=bucket_cap_mb)
+        model = DDP(raw, device_ids=[dist_env.local_rank] if dist_env.device.type == "cuda" else None, **bucket)
+    return torch.compile(model) if compile else model
+
+
+def _unwrap(model):
+    """(the DDP module or None, the raw CLIP) of what wrap_model returned. torch.compile's wrapper keeps the module
+    it compiles as _orig_mod."""
+    inner = getattr(model, "_orig_mod", model)
+    ddp = inner if isinstance(inner, DDP) else None
+    return ddp, (ddp.module if ddp else inner)
 
 
 def train_step(model, images, tokens, accum_steps, amp, params=None):
     """Forward and backward of this rank's share of one global batch. Returns this rank's loss (detached); the
     gradients left in the parameters are, after DDP's averaging, those of the full-batch loss (eq. 3).
 
-    images: uint8 [b, 3, S, S] crops with params [b, PHOTOMETRIC_PARAMS] (or None: no augmentation), on the host or
-    the device; each chunk becomes float only on the device, when it is embedded (device_images), so the float
-    batch never exists in full. In fp32 the chunked gradient equals the one-chunk gradient up to float rounding; in
-    bf16 autocast each chunk's forward rounds differently from the whole batch's, and the weight gradients differ by
-    about 1-2% relative (the same size as bf16's own error against fp32)."""
+    model: what wrap_model returned (the raw CLIP, DDP, either compiled); a compiled one also gets the compiled
+    augmentation. images: uint8 [b, 3, S, S] crops with params [b, PHOTOMETRIC_PARAMS] (or None: no augmentation), on
+    the device (or the host); each chunk becomes float only when it is embedded (device_images), and the float copy
+    is freed before the backward (conv1 keeps its own bf16 copy under autocast), so it never exists in full for
+    long. In fp32 the chunked gradient equals the one-chunk gradient up to float rounding; in bf16 autocast each
+    chunk's forward rounds differently from the whole batch's, and the weight gradients differ by about 1-2%
+    relative (the same size as bf16's own error against fp32)."""
     device = tokens.device
+    ddp, _ = _unwrap(model)
+    transform = compiled_device_transform() if hasattr(model, "_orig_mod") else data.device_transform
     if accum_steps == 1:
-        x = device_images(images, params, device)  # outside autocast: the augmentation stays fp32
+        x = device_images(images, params, device, transform=transform)  # outside autocast: the augmentation in fp32
         with amp:
             image_f, text_f, scale = model(x, tokens)
+        del x  # 2.9 GB of fp32 at 5,120 x 224 px, not needed by the backward
         loss = clip_loss(image_f, text_f, scale)  # outside autocast: the softmax over N logits in fp32
         loss.backward()
         return loss.detach()
@@ -143,28 +179,30 @@ def train_step(model, images, tokens, accum_steps, amp, params=None):
     # backpropagate to them (clip_loss gathers across ranks, so this covers every rank's pairs); 3) re-run each chunk
     # with a graph and push its slice of the feature gradient through it. There is no dropout and each chunk is
     # augmented from its samples' own parameters, so the re-run reproduces the images and the features exactly.
-    inner = model.module if isinstance(model, DDP) else model
     chunk_params = params.chunk(accum_steps) if params is not None else [None] * accum_steps
     chunks = list(zip(images.chunk(accum_steps), tokens.chunk(accum_steps), chunk_params))
     feats = []
-    with torch.no_grad():
+    with torch.no_grad():  # through the wrapper too (DDP does nothing without grad), so a compiled model stays so
         for i, t, p in chunks:
-            x = device_images(i, p, device)
+            x = device_images(i, p, device, transform=transform)
             with amp:
-                feats.append(inner(x, t))
+                feats.append(model(x, t))
+            del x
     image_f = torch.cat([f[0] for f in feats]).float().requires_grad_()
     text_f = torch.cat([f[1] for f in feats]).float().requires_grad_()
     scale = feats[0][2].detach().float().requires_grad_()
+    del feats
     loss = clip_loss(image_f, text_f, scale)
     loss.backward()
     sizes = [len(t) for _, t, _ in chunks]
     for k, ((i, t, p), g_image, g_text) in enumerate(zip(chunks, image_f.grad.split(sizes), text_f.grad.split(sizes))):
         last = k == accum_steps - 1
         # DDP all-reduces the accumulated gradients once, in the last chunk's backward
-        with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
-            x = device_images(i, p, device)
+        with nullcontext() if last or ddp is None else ddp.no_sync():
+            x = device_images(i, p, device, transform=transform)
             with amp:
                 fi, ft, s = model(x, t)
+            del x
             # the logit scale's gradient rides on the last chunk, so that backward reaches every parameter
             g_scale = scale.grad if last else torch.zeros_like(scale.grad)
             torch.autograd.backward([fi, ft, s], [g_image.to(fi.dtype), g_text.to(ft.dtype), g_scale.to(s.dtype)])
@@ -377,9 +415,7 @@ def main(argv=None):
     total_steps = steps_per_epoch * args.epochs
 
     progress = start_or_resume(args, raw, optimizer, state_path, loader, dist_env)
-    model = torch.compile(raw) if args.compile else raw
-    if dist_env.world_size > 1:
-        model = DDP(model, device_ids=[dist_env.local_rank] if dist_env.device.type == "cuda" else None)
+    model = wrap_model(raw, dist_env, compile=args.compile)
     if dist_env.is_main:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
