@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -103,7 +103,33 @@ def get_args(argv=None):
     return parse_training_args(get_parser(), argv)
 
 
-def device_images(images, params, device, chunk=1024, transform=data.device_transform):
+class DeviceTimer:
+    """Seconds spent in the timed blocks, measured on the device: CUDA events, read at the next log line (after the
+    step's own synchronisation, so timing adds none); wall time on the CPU."""
+
+    def __init__(self, device):
+        self.cuda, self.events, self.seconds = device.type == "cuda", [], 0.0
+
+    @contextmanager
+    def __call__(self):
+        if not self.cuda:
+            t0 = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - t0
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.events.append((start, end))
+
+    def read_and_reset(self):
+        seconds = self.seconds + sum(a.elapsed_time(b) for a, b in self.events) / 1000  # ms -> s
+        self.events, self.seconds = [], 0.0
+        return seconds
+
+
+def device_images(images, params, device, chunk=1024, transform=data.device_transform, timer=None):
     """A chunk of the rank batch as the model's input: uint8 crops (on the device already, or in pinned host memory,
     then copied without blocking) augmented on the device with their own photometric parameters (`transform`:
     data.device_transform, batched, or its compiled version). The augmentation's working memory is a few times its
@@ -113,12 +139,13 @@ def device_images(images, params, device, chunk=1024, transform=data.device_tran
         return images.to(device)
     images = images.to(device, non_blocking=True)
     params = None if params is None else params.to(device, non_blocking=True)
-    if params is None or len(images) <= chunk:
-        return transform(images, params)
-    out = torch.empty(images.shape, dtype=torch.float32, device=device)
-    for start in range(0, len(images), chunk):  # filled in place: no second copy of the float batch
-        out[start:start + chunk] = transform(images[start:start + chunk], params[start:start + chunk])
-    return out
+    with timer() if timer else nullcontext():  # log.jsonl's augment_s
+        if params is None or len(images) <= chunk:
+            return transform(images, params)
+        out = torch.empty(images.shape, dtype=torch.float32, device=device)
+        for start in range(0, len(images), chunk):  # filled in place: no second copy of the float batch
+            out[start:start + chunk] = transform(images[start:start + chunk], params[start:start + chunk])
+        return out
 
 
 @functools.cache
@@ -150,7 +177,7 @@ def _unwrap(model):
     return ddp, (ddp.module if ddp else inner)
 
 
-def train_step(model, images, tokens, accum_steps, amp, params=None):
+def train_step(model, images, tokens, accum_steps, amp, params=None, timer=None):
     """Forward and backward of this rank's share of one global batch. Returns this rank's loss (detached); the
     gradients left in the parameters are, after DDP's averaging, those of the full-batch loss (eq. 3).
 
@@ -160,12 +187,13 @@ def train_step(model, images, tokens, accum_steps, amp, params=None):
     is freed before the backward (conv1 keeps its own bf16 copy under autocast), so it never exists in full for
     long. In fp32 the chunked gradient equals the one-chunk gradient up to float rounding; in bf16 autocast each
     chunk's forward rounds differently from the whole batch's, and the weight gradients differ by about 1-2%
-    relative (the same size as bf16's own error against fp32)."""
+    relative (the same size as bf16's own error against fp32). timer: a DeviceTimer for the augmentation."""
     device = tokens.device
     ddp, _ = _unwrap(model)
     transform = compiled_device_transform() if hasattr(model, "_orig_mod") else data.device_transform
     if accum_steps == 1:
-        x = device_images(images, params, device, transform=transform)  # outside autocast: the augmentation in fp32
+        # outside autocast: the augmentation in fp32
+        x = device_images(images, params, device, transform=transform, timer=timer)
         with amp:
             image_f, text_f, scale = model(x, tokens)
         del x  # 2.9 GB of fp32 at 5,120 x 224 px, not needed by the backward
@@ -184,7 +212,7 @@ def train_step(model, images, tokens, accum_steps, amp, params=None):
     feats = []
     with torch.no_grad():  # through the wrapper too (DDP does nothing without grad), so a compiled model stays so
         for i, t, p in chunks:
-            x = device_images(i, p, device, transform=transform)
+            x = device_images(i, p, device, transform=transform, timer=timer)
             with amp:
                 feats.append(model(x, t))
             del x
@@ -199,7 +227,7 @@ def train_step(model, images, tokens, accum_steps, amp, params=None):
         last = k == accum_steps - 1
         # DDP all-reduces the accumulated gradients once, in the last chunk's backward
         with nullcontext() if last or ddp is None else ddp.no_sync():
-            x = device_images(i, p, device, transform=transform)
+            x = device_images(i, p, device, transform=transform, timer=timer)
             with amp:
                 fi, ft, s = model(x, t)
             del x
@@ -297,10 +325,11 @@ def save_state(state_path, model, optimizer, progress, args, dist_env):
     progress.last_good = state_path
 
 
-def optimizer_step(model, raw, optimizer, batch, amp, args, progress, dist_env):
+def optimizer_step(model, raw, optimizer, batch, amp, meter, args, progress, dist_env):
     """One step of eq. 3 on the global batch (this rank's share of it on the device; train_step augments the uint8
     images chunk by chunk). Returns the full-batch loss (the mean over ranks)."""
-    loss = train_step(model, batch["images"], batch["tokens"], args.accum_steps, amp, params=batch["params"])
+    loss = train_step(model, batch["images"], batch["tokens"], args.accum_steps, amp, params=batch["params"],
+                      timer=meter.augment)
     # checking the all-rank loss on every rank stops all of them together, before the optimiser touches the
     # weights, so the last state.pt stays the last good state
     loss = all_ranks_sum([loss.item()], dist_env.device)[0] / dist_env.world_size
@@ -318,17 +347,20 @@ def optimizer_step(model, raw, optimizer, batch, amp, args, progress, dist_env):
 @dataclass
 class Meter:
     """Wall time since the last log line; how much of it the loop waited for the next batch and its copy to the
-    device (host_wait); the workers' CPU seconds for those batches (decode, to tell whether they keep up)."""
+    device (host_wait), and the device spent augmenting (augment); the workers' CPU seconds for those batches
+    (decode, to tell whether they keep up)."""
+    augment: DeviceTimer
     since: float = field(default_factory=time.perf_counter)
     host_wait: float = 0.0
     decode: float = 0.0
     warned: bool = False
 
     def read_and_reset(self):
+        """(seconds, host-wait fraction, augmentation fraction, decode CPU-seconds) since the last call."""
         now = time.perf_counter()
         seconds, host_wait, decode = now - self.since, self.host_wait, self.decode
         self.since, self.host_wait, self.decode = now, 0.0, 0.0
-        return seconds, host_wait / max(seconds, 1e-9), decode
+        return seconds, host_wait / max(seconds, 1e-9), self.augment.read_and_reset() / max(seconds, 1e-9), decode
 
 
 def warn_if_loader_falls_behind(meter, seconds, host_wait, decode, steps, args, dist_env):
@@ -348,12 +380,13 @@ def log_step(logger, bar, raw, progress, epoch, loss, lr, meter, args, dist_env)
     """One log.jsonl line: loss, learning rate, temperature, throughput, data wait, all-rank skip counts; `epoch` is
     1-based, as in the epoch lines and epoch_<n>.pt."""
     counts = dict(zip(COUNTS, map(int, all_ranks_sum([progress.skipped[k] for k in COUNTS], dist_env.device))))
-    seconds, host_wait, decode = meter.read_and_reset()
+    seconds, host_wait, augment, decode = meter.read_and_reset()
     if progress.step > args.log_every:  # the first steps include the workers' start and compilation
         warn_if_loader_falls_behind(meter, seconds, host_wait, decode, args.log_every, args, dist_env)
     record = dict(step=progress.step, epoch=epoch, samples=progress.step * args.batch_size, loss=loss, lr=lr,
                   logit_scale=raw.logit_scale.exp().item(), samples_per_s=args.log_every * args.batch_size / seconds,
-                  host_wait=host_wait, skipped={k: counts[k] for k in data.SKIPS}, reread=counts[data.REREAD])
+                  host_wait=host_wait, augment=augment, skipped={k: counts[k] for k in data.SKIPS},
+                  reread=counts[data.REREAD])
     logger.log(**record)
     bar.set_postfix(loss=f"{loss:.4f}", scale=f"{record['logit_scale']:.1f}", wait=f"{host_wait:.0%}",
                     skipped=sum(record["skipped"].values()))
@@ -428,7 +461,7 @@ def main(argv=None):
     logger = JsonlLogger(os.path.join(args.out, "log.jsonl"), enabled=dist_env.is_main, resume=args.resume,
                          step=progress.step)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not dist_env.is_main, dynamic_ncols=True)
-    meter = Meter()
+    meter = Meter(augment=DeviceTimer(dist_env.device))
     catch_stop_signals()  # restored in `finally`; the loader's workers leave these signals to this process
     batches = loader.batches(start_step=progress.step, positions=progress.positions)  # all epochs, joined ahead
     try:
@@ -449,7 +482,7 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # step (eq. 3 over the global batch), stopping on a non-finite loss
-            loss = optimizer_step(model, raw, optimizer, batch, amp=amp, args=args, progress=progress,
+            loss = optimizer_step(model, raw, optimizer, batch, amp=amp, meter=meter, args=args, progress=progress,
                                   dist_env=dist_env)
             del batch
             bar.update(1)

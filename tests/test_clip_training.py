@@ -134,7 +134,8 @@ def test_accum_steps_4_equals_full_batch(csv_run, tmp_path):
     assert_same_weights(weights(tmp_path / "a1", "epoch_1.pt"), weights(tmp_path / "a4", "epoch_1.pt"))
     log = [json.loads(line) for line in open(tmp_path / "a4" / "log.jsonl")]
     first = log[0]
-    assert {"step", "samples", "loss", "lr", "logit_scale", "samples_per_s", "host_wait", "skipped"} <= set(first)
+    assert {"step", "samples", "loss", "lr", "logit_scale", "samples_per_s", "host_wait", "augment",
+            "skipped"} <= set(first)
     assert [r["samples"] for r in log if "loss" in r] == [8, 16]
 
 
