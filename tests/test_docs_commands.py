@@ -3,7 +3,8 @@ that an example cannot name a flag that does not exist, a deprecated spelling, o
 
 A command is a `python X.py ...` or `torchrun ... X.py ...` line (backslash continuations joined, `&&` chains
 split, a trailing `&` and `# comments` dropped) in a README code block or inline code span, or at the start of a
-line of a script's docstring. X.py's main(argv) runs until its parser has parsed argv, and stops there: nothing is trained or read."""
+line of a script's docstring. X.py's main(argv) runs until its parser has parsed argv, and stops there: nothing is
+trained or read."""
 import argparse
 import importlib
 import os
