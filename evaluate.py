@@ -8,8 +8,8 @@ perceptual probes (TID2013, texture-shape bias, noise sensitivity).
         --out results/pi --compare runs/base/epoch_32.pt
     python evaluate.py --scaling runs/pi,runs/base --samples-per-epoch 15000000 --merges ... --data-root ... \
         --datasets all --out results/scaling
-    python evaluate.py --checkpoint demo/pi.pt --compare demo/base.pt --model tiny --merges ... \
-        --datasets "" --retrieval "" --synthetic demo/world        # the CPU demo's synthetic world
+    python evaluate.py --checkpoint demo_out/seed_0/pi/epoch_10.pt --compare demo_out/seed_0/baseline/epoch_10.pt \
+        --model tiny --merges ... --datasets "" --retrieval "" --synthetic demo_out/seed_0/world  # the CPU demo
 
 From training code: zero_shot_eval(model, tokenizer, "imagenet1k", dataset_root(data_root, "imagenet1k")),
 retrieval_eval(model, tokenizer, json_or_wds_folder), nights_eval(model, nights_root), folder_zero_shot_eval(...),

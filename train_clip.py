@@ -95,7 +95,8 @@ def get_parser():
     p.add_argument("--zeroshot", default=None,
                    help="classification set(s) for a zero-shot check at each epoch end, comma-separated names "
                         "evaluate.py knows (e.g. imagenet1k,cifar10)")
-    p.add_argument("--zeroshot-root", default=".", help="evaluate.py's --data-root: one folder per set")
+    p.add_argument("--zeroshot-root", default=".",
+                   help="evaluate.py's --data-root: one folder per set, or its webdataset copy (wds_<name>)")
     return p
 
 
@@ -252,7 +253,7 @@ def zero_shot_check(model, tokenizer, names, args):
     import evaluate
     results = {}
     for name in names:
-        root = os.path.join(args.zeroshot_root, evaluate.BENCHMARKS[name].folder or name)
+        root = evaluate.dataset_root(args.zeroshot_root, name)  # its webdataset copy where there is one
         try:
             results[name] = evaluate.zero_shot_eval(model, tokenizer, name, root, workers=args.workers)
         except Exception as err:  # DatasetUnavailable, or anything else: hours of training are worth more
