@@ -864,8 +864,10 @@ def tar_index(path, bad, start=0, stop=None):
     A truncated or unreadable shard ends early, keeping what came before; `bad` (a Counter) counts the damage."""
     sample, index = {}, -1
     try:
-        with tarfile.open(path, "r:") as tar:  # seeks over the data: only the 512-byte headers are read
-            end = os.fstat(tar.fileobj.fileno()).st_size
+        # unbuffered, so that only the 512-byte headers are read (a buffered file on Lustre or NFS would read a
+        # block of several MB at each header, most of the shard)
+        with open(path, "rb", buffering=0) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            end = os.fstat(f.fileno()).st_size
             for member in tar:
                 tar.members = []  # tarfile keeps every header it has read: ~15 MB for a 10,000-sample shard
                 if not member.isfile():
@@ -1102,15 +1104,18 @@ class TarImageText(IterableDataset):
         self.read, self.bad = MemberReader(), Counter()  # bad: counted by tar_index (damage) and _take (skips)
         step, total = self.first_step, self.steps_per_epoch * self.epochs
         positions = self.positions if step % self.steps_per_epoch else {}
-        while step < total:
-            epoch, end = step // self.steps_per_epoch, (step // self.steps_per_epoch + 1) * self.steps_per_epoch
-            streams = {s: self._open(s, epoch, positions.get(s, 0)) for s in mine}
-            positions = {}  # later epochs start at their beginning
-            self.bad.clear()  # the replayed samples' skips were counted before the checkpoint
-            for t in range(step, end):
-                for s in mine:
-                    yield self._take(streams[s], s, t, epoch, shared=info is not None)
-            step = end
+        try:
+            while step < total:
+                epoch, end = step // self.steps_per_epoch, (step // self.steps_per_epoch + 1) * self.steps_per_epoch
+                streams = {s: self._open(s, epoch, positions.get(s, 0)) for s in mine}
+                positions = {}  # later epochs start at their beginning
+                self.bad.clear()  # the replayed samples' skips were counted before the checkpoint
+                for t in range(step, end):
+                    for s in mine:
+                        yield self._take(streams[s], s, t, epoch, shared=info is not None)
+                step = end
+        finally:
+            self.read.close()
 
     def _open(self, stream, epoch, pos):
         """[the stream's iterator, its position], replayed to `pos` entries."""
@@ -1134,16 +1139,23 @@ class TarImageText(IterableDataset):
         images = torch.empty((n, 3, self.image_size, self.image_size), dtype=torch.uint8)
         if shared:
             images.share_memory_()
-        params, captions = [], []
+        params, captions, misses = [], [], 0
         while len(captions) < n:
             p, (shard, index, sample) = next(stream[0])
             stream[1] += 1
             decoded = self._decode(shard, sample, stable_seed(self.seed, epoch, shard, index, p))
-            if decoded is not None:
-                images[len(captions)] = decoded[0]
-                params.append(decoded[1])
-                captions.append(decoded[2])
-                self.bad[REREAD] += p > 0
+            if decoded is None:
+                misses += 1
+                if misses > self.steps_per_epoch * self.per_stream:  # a whole pass of the stream: nothing usable
+                    raise ValueError(f"data stream {s} holds no usable sample: e.g. {self.shards[shard]} has "
+                                     f"members {sorted(k for k in sample if k != '__key__')} for "
+                                     f"{sample['__key__']}; a sample needs an image "
+                                     f"({'/'.join(SHARD_IMAGE_EXTENSIONS)}) and a txt caption ({dict(self.bad)})")
+                continue
+            images[len(captions)] = decoded[0]
+            params.append(decoded[1])
+            captions.append(decoded[2])
+            self.bad[REREAD] += p > 0
         item = dict(images=images, params=torch.stack(params) if self.augment else None,
                     tokens=self.tokenizer(captions, context_length=self.context_length), bad=dict(+self.bad),
                     stream=s, step=step, pos=stream[1], decode_s=time.thread_time() - t0)
@@ -1157,12 +1169,17 @@ class TarImageText(IterableDataset):
             self.bad[NO_IMAGE if where is None else NO_CAPTION] += 1
             return None
         path = self.shards[shard]
-        caption = self.read(path, *sample["txt"]).decode("utf-8", errors="replace").strip()
+        try:
+            caption = self.read(path, *sample["txt"]).decode("utf-8", errors="replace").strip()
+            encoded = self.read(path, *where)
+        except OSError:  # the file went away or the disk failed under it
+            self.bad[TRUNCATED] += 1
+            return None
         if not caption:
             self.bad[NO_CAPTION] += 1
             return None
         try:
-            image, params = decode_sample(self.decoder, self.read(path, *where), seed, self.augment)
+            image, params = decode_sample(self.decoder, encoded, seed, self.augment)
         except Exception:  # corrupt, truncated or unsupported image
             self.bad[UNDECODABLE] += 1
             return None
@@ -1314,7 +1331,7 @@ def batch_to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _leave_signals_to_the_main_process(worker_id):
+def worker_ignores_stop_signals(worker_id=None):
     """DataLoader workers ignore Ctrl-C, SIGTERM and SIGUSR1 (SLURM sends them to every process of a job): the main
     process finishes its step, saves and stops the workers itself. A worker killed by one would end the run at once
     through PyTorch's SIGCHLD handler, before state.pt is written."""
@@ -1338,7 +1355,7 @@ class ImageTextData:
         tar streams' `stream -> pos` of the batches before start_step (from their `positions`; ignored for CSV and
         at an epoch start). One DataLoader serves the whole run; its queue holds a step's items plus one per
         worker, and a thread joins the next batch while the caller's step runs."""
-        kw = dict(num_workers=self.workers, worker_init_fn=_leave_signals_to_the_main_process)
+        kw = dict(num_workers=self.workers, worker_init_fn=worker_ignores_stop_signals)
         if self.workers:
             kw["prefetch_factor"] = math.ceil(self.items_per_step / self.workers) + 1
         if self.sampler is not None:
@@ -1349,6 +1366,9 @@ class ImageTextData:
             loader = DataLoader(self.dataset, batch_size=None, **kw)
         items = iter(loader)  # starts the workers here, in the caller's thread
         steps = range(start_step, self.steps_per_epoch * self.epochs)
+        if not self.workers:  # decoding here: in this thread, since decode_sample seeds torch's global generator
+            yield from (self._join_next(items, step) for step in steps)
+            return
         with ThreadPoolExecutor(1) as thread:  # joins batch t + 1 while the caller runs step t
             joining = thread.submit(self._join_next, items, steps[0]) if steps else None
             for step in steps:

@@ -582,8 +582,8 @@ def training_state(model, optimizer, step, **extra):
 
 # ---- --resume: the same script, the same recipe
 
-# Flags that may change when a run is resumed: how it runs, not what it computes (--workers re-reads the rest of a
-# tar epoch from the shards' start; --accum-steps changes the result by float rounding only). Every other flag is
+# Flags that may change when a run is resumed: how it runs, not what it computes (the sample order does not depend
+# on --workers; --accum-steps changes the result by float rounding only). Every other flag is
 # the recipe (batch, epochs, lr and schedule, warm-up, data, model, init, seed, precision, ...) and must match.
 RESUMABLE_FLAGS = ("workers", "save_every_steps", "stop_after_steps", "dist_timeout", "log_every", "accum_steps",
                    "grad_checkpointing", "compile", "zeroshot", "zeroshot_root")
@@ -710,7 +710,7 @@ def catch_stop_signals():
     """From now until restore_signals(): SIGTERM, SIGUSR1 or Ctrl-C asks the run to stop after its current step
     (stop_reason). Call it before the DataLoader workers start: forked workers inherit the handler, which ignores
     the signal there, so a Ctrl-C (the terminal sends it to every process) leaves them reading. torch's workers
-    replace the SIGTERM handler with their own, though: see ignore_stop_signals."""
+    replace the SIGTERM handler with their own, though: their worker_init_fn is data.worker_ignores_stop_signals."""
     _stop.clear()
     _main_pid[0] = os.getpid()
     for sig in STOP_SIGNALS:
@@ -724,13 +724,6 @@ def restore_signals():
     for sig, handler in _previous_handlers.items():
         signal.signal(sig, handler)
     _previous_handlers.clear()
-
-
-def ignore_stop_signals(*_):
-    """For DataLoader workers (worker_init_fn): leave the stop signals to the main process, which finishes its step
-    and writes state.pt (torch's workers die of SIGTERM, which torchrun and SLURM send to the whole process group)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def stop_reason(step, stop_after_steps, device):

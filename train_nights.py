@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from data import NightsTriplets
+from data import NightsTriplets, worker_ignores_stop_signals
 from model import (CLIP, HelpFormatter, JsonlLogger, adamw, add_recipe_args, add_run_args, all_ranks_sum, autocast,
                    catch_stop_signals, check_finite, cleanup_distributed, cosine_lr, default_precision, hinge_terms,
                    parse_training_args, perceptual_hinge_loss, preset_config, report_stop, restore_signals,
@@ -108,7 +108,7 @@ class NightsData:
         self.train_set.set_epoch(epoch)
         order = list(self.sampler)[done * self.per_rank:]
         return DataLoader(self.train_set, batch_size=self.per_rank, sampler=order, num_workers=workers,
-                          pin_memory=pin_memory)
+                          pin_memory=pin_memory, worker_init_fn=worker_ignores_stop_signals)
 
 
 def nights_data(args, image_size, dist_env):
@@ -124,8 +124,8 @@ def nights_data(args, image_size, dist_env):
     sampler = DistributedSampler(train_set, num_replicas=dist_env.world_size, rank=dist_env.rank, shuffle=True,
                                  seed=args.seed)
     val_shard = Subset(val_set, range(dist_env.rank, len(val_set), dist_env.world_size))
-    val_loader = DataLoader(val_shard, batch_size=per_rank,
-                            num_workers=args.workers, pin_memory=dist_env.device.type == "cuda")
+    val_loader = DataLoader(val_shard, batch_size=per_rank, num_workers=args.workers,
+                            pin_memory=dist_env.device.type == "cuda", worker_init_fn=worker_ignores_stop_signals)
     return NightsData(train_set, sampler, val_loader, per_rank, math.ceil(len(sampler) / per_rank))
 
 

@@ -386,3 +386,16 @@ def test_streams_that_do_not_share_out_are_a_clear_error(tmp_path):
     with pytest.warns(UserWarning, match="4 workers cannot share this rank's 6 data streams evenly: using 3"):
         loader = data.image_text_loader(pattern, tok, 32, 24, world_size=2, workers=4, streams=12)
     assert loader.workers == 3
+
+
+def test_shards_without_usable_samples_are_a_clear_error_not_a_hang(tmp_path):
+    """Captions stored as .caption (not .txt): every sample is a counted skip, and the stream says so after one pass
+    instead of re-reading itself for ever."""
+    (tmp_path / "shards").mkdir()
+    members = [m for i in range(8) for m in ((f"{i:09d}.jpg", fx.image_bytes(i)),
+                                             (f"{i:09d}.caption", fx.caption(i).encode()))]
+    fx.write_shard(str(tmp_path / "shards" / "00000.tar"), members)
+    _, tok = fx.learned_tokenizer(tmp_path)
+    loader = data.image_text_loader(str(tmp_path / "shards" / "00000.tar"), tok, 32, 4, workers=0, streams=1)
+    with pytest.raises(ValueError, match=r"no usable sample.*\['caption', 'jpg'\].*txt caption"):
+        next(iter(loader.batches()))
