@@ -170,12 +170,11 @@ def wrap_model(raw, dist_env, compile=False, bucket_cap_mb=None):
     return torch.compile(model) if compile else model
 
 
-def _unwrap(model):
-    """(the DDP module or None, the raw CLIP) of what wrap_model returned. torch.compile's wrapper keeps the module
-    it compiles as _orig_mod."""
+def _ddp_of(model):
+    """The DDP module in what wrap_model returned, or None. torch.compile's wrapper keeps the module it compiles as
+    _orig_mod."""
     inner = getattr(model, "_orig_mod", model)
-    ddp = inner if isinstance(inner, DDP) else None
-    return ddp, (ddp.module if ddp else inner)
+    return inner if isinstance(inner, DDP) else None
 
 
 def train_step(model, images, tokens, accum_steps, amp, params=None, timer=None):
@@ -190,7 +189,7 @@ def train_step(model, images, tokens, accum_steps, amp, params=None, timer=None)
     chunk's forward rounds differently from the whole batch's, and the weight gradients differ by about 1-2%
     relative (the same size as bf16's own error against fp32). timer: a DeviceTimer for the augmentation."""
     device = tokens.device
-    ddp, _ = _unwrap(model)
+    ddp = _ddp_of(model)
     transform = compiled_device_transform() if hasattr(model, "_orig_mod") else data.device_transform
     if accum_steps == 1:
         # outside autocast: the augmentation in fp32

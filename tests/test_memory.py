@@ -3,7 +3,6 @@ benchmark.py's GPU memory estimate on fake tensors: CUDA's autocast rules emulat
 CUDA forward, the live-tensor tally counts what it should, and the paper's batch fits the goal."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import benchmark
 import train_clip
@@ -48,7 +47,7 @@ def test_residual_streams_are_bf16_under_autocast(cuda_rules):
 
 def test_bf16_forward_is_close_to_fp32():
     """ViT-B/32 (random weights), bf16 autocast with CUDA's rules against fp32: every normalised feature within 0.03
-    of the fp32 one (L2; measured 0.01), and the [N, N] logits (x100) within 2.5."""
+    of the fp32 one (L2; measured 0.011), and the [N, N] logits (x100) within 0.5 (measured 0.15)."""
     torch.manual_seed(0)
     model = CLIP(CLIPConfig()).eval()
     images, tokens = tiny_batch(4, CLIPConfig())
@@ -60,7 +59,7 @@ def test_bf16_forward_is_close_to_fp32():
         assert b.dtype == torch.float32  # F.normalize's norm runs in fp32 (CUDA's rule for linalg_vector_norm)
         assert (a - b).norm(dim=-1).max() < 0.03
     logits = [f[2] * f[0] @ f[1].T for f in (fp32, bf16)]
-    assert (logits[0] - logits[1]).abs().max() < 2.5
+    assert (logits[0] - logits[1]).abs().max() < 0.5
 
 
 @pytest.mark.parametrize("spec, blocks", [(False, "----"), (True, "xxxx"), ("1", "xxxx"), ("0", "----"),
