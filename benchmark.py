@@ -194,6 +194,16 @@ def write_benchmark_shards(root, n_shards, per_shard, side=512, seed=0):
     return os.path.join(root, "{%05d..%05d}.tar" % (0, n_shards - 1)), np.mean([len(p) for p in pool]) / 1e3
 
 
+def benchmark_data(root, n_pairs, n_shards, side):
+    """Shards of >= n_pairs JPEGs (write_benchmark_shards) and a tokenizer learned from their captions:
+    (pattern, mean JPEG KB, tokenizer, samples per shard)."""
+    per_shard = math.ceil(n_pairs / n_shards)
+    pattern, kb = write_benchmark_shards(root, n_shards, per_shard, side)
+    merges = os.path.join(root, "merges.txt.gz")
+    data.learn_bpe([f"a photo number {i} of a red dog on the grass" for i in range(100)], merges, 50)
+    return pattern, kb, data.Tokenizer(merges), per_shard
+
+
 def _plain_pipeline(shards, tokenizer, transform, batch_size):
     """The baseline: the same tar stream, PIL decoding every pixel, the transform exactly as given (torchvision)."""
     images, captions, bad = [], [], Counter()
@@ -212,10 +222,7 @@ def bench_data(args):
     train_transform per image on the CPU). The photometric part we moved to the device is timed separately."""
     torch.set_num_threads(1)  # one core: the figure is per core, as a DataLoader worker runs
     with tempfile.TemporaryDirectory() as root:
-        pattern, kb = write_benchmark_shards(root, 2, args.data_samples // 2, args.side)
-        merges = os.path.join(root, "merges.txt.gz")
-        data.learn_bpe([f"a photo number {i} of a red dog on the grass" for i in range(100)], merges, 50)
-        tok = data.Tokenizer(merges)
+        pattern, kb, tok, _ = benchmark_data(root, args.data_samples, 2, args.side)
         n, batch = args.data_samples, 32
         shards = data.expand_shards(pattern)
         ours = data.TarImageText(shards, data.shard_sizes(shards), tok, args.image_size, batch, n // batch, epochs=1,
@@ -272,11 +279,7 @@ def bench_loader(args):
     import threading
     with tempfile.TemporaryDirectory() as root:
         n_shards = max(2 * args.workers, 8)
-        per_shard = math.ceil(args.batch_size * (args.batches + 1) / n_shards)
-        pattern, kb = write_benchmark_shards(root, n_shards, per_shard, args.side)
-        merges = os.path.join(root, "merges.txt.gz")
-        data.learn_bpe([f"a photo number {i} of a red dog on the grass" for i in range(100)], merges, 50)
-        tok = data.Tokenizer(merges)
+        pattern, kb, tok, per_shard = benchmark_data(root, args.batch_size * (args.batches + 1), n_shards, args.side)
         st = os.statvfs("/dev/shm")
         shm_base = (st.f_blocks - st.f_bfree) * st.f_frsize
         loader = data.image_text_loader(pattern, tok, args.image_size, args.batch_size, workers=args.workers,
@@ -333,11 +336,7 @@ def bench_stall(args):
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as root:
         n_shards = max(2 * args.workers, 8)
-        per_shard = math.ceil(args.batch_size * (args.steps + 2) / n_shards)
-        pattern, kb = write_benchmark_shards(root, n_shards, per_shard, args.side)
-        merges = os.path.join(root, "merges.txt.gz")
-        data.learn_bpe([f"a photo number {i} of a red dog on the grass" for i in range(100)], merges, 50)
-        tok = data.Tokenizer(merges)
+        pattern, kb, tok, per_shard = benchmark_data(root, args.batch_size * (args.steps + 2), n_shards, args.side)
         loader = data.image_text_loader(pattern, tok, args.image_size, args.batch_size, workers=args.workers,
                                         streams=args.streams)
         _, pace, decoded = _consume(loader, args.steps)
@@ -787,17 +786,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _loader_batches(loader):
-    """Rank batches from the start of the run: the loader's batches() where it has one, else its epoch(0)."""
-    return iter(loader.batches(start_step=0) if hasattr(loader, "batches") else loader.epoch(0))
-
-
-def _batch_to_device(batch, device):
-    if hasattr(data, "batch_to_device"):
-        return data.batch_to_device(batch, device)
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def _timed_steps(step, n_warmup, n_steps, device):
     """Runs step() n_warmup + n_steps times (a synchronised step each, as train_clip's loss.item() makes it);
     returns the warm-up's seconds, the timed steps' seconds and the seconds of those that step() says it waited."""
@@ -827,7 +815,7 @@ def _end_to_end_step(model, optimizer, batches, device, amp):
     the device, the device augmentation, forward, the loss at the global batch's logits shape, backward, AdamW."""
     import train_clip
     t0 = time.perf_counter()
-    batch = _batch_to_device(next(batches), device)
+    batch = data.batch_to_device(next(batches), device)
     waited = time.perf_counter() - t0
     train_clip.train_step(model, batch["images"], batch["tokens"], 1, amp, params=batch["params"])
     optimizer.step()
@@ -860,12 +848,9 @@ def _gpu_row(run, device):
 
 def _gpu_setup(args, root, device):
     """The benchmark's tokenizer, and synthetic 256-px JPEG shards holding enough pairs for the largest batch."""
-    merges = os.path.join(root, "merges.txt.gz")
-    data.learn_bpe([f"a photo number {i} of a red dog on the grass" for i in range(100)], merges, 50)
     n_pairs = max(args.batches) * (args.warmup + args.steps + 1)
-    n_shards = max(8, 2 * args.workers)
-    pattern, _ = write_benchmark_shards(root, n_shards, math.ceil(n_pairs / n_shards), side=args.side)
-    return data.Tokenizer(merges), pattern, n_pairs
+    pattern, _, tokenizer, _ = benchmark_data(root, n_pairs, max(8, 2 * args.workers), args.side)
+    return tokenizer, pattern, n_pairs
 
 
 def _gpu_rows_for_batch(args, b, tokenizer, pattern, n_pairs, device, peak):
@@ -893,7 +878,7 @@ def _gpu_rows_for_batch(args, b, tokenizer, pattern, n_pairs, device, peak):
                                         samples_per_epoch=n_pairs, pin_memory=device.type == "cuda",
                                         context_length=raw.config.context_length)
         with emulated_world(args.world_size):
-            end_to_end = functools.partial(_end_to_end_step, model, optimizer, _loader_batches(loader), device, amp)
+            end_to_end = functools.partial(_end_to_end_step, model, optimizer, loader.batches(), device, amp)
             results.append(("end to end", _gpu_row(functools.partial(_timed_steps, end_to_end, args.warmup,
                                                                      args.steps, device), device)))
         for what, r in results:
