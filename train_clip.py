@@ -17,6 +17,11 @@ training state, written atomically every --save-every-steps steps and at each ep
 with the same results as an unbroken run, and refuses another recipe). SIGTERM, SIGUSR1 or Ctrl-C stop the run after
 its current step with state.pt written, and exit with status 75 (model.PREEMPTED).
 
+The batches are a function of --seed, the data and --data-streams only (data.stream_pieces), not of the GPUs or
+--workers: PI and its baseline see the same batches wherever each runs, and --resume continues a run mid-epoch on
+another number of GPUs or workers exactly. The loader stays a step ahead: its workers run for the whole run, and a
+thread joins the next rank batch while the current step runs (log.jsonl's host_wait says how long the loop waited).
+
 The images travel as uint8 crops (data.py's workers decode, crop and flip) with each sample's photometric parameters;
 the §3.4 colour jitter, grayscale, blur and the CLIP normalisation run batched on the training device, chunk by
 chunk (device_images). Several nodes: see the README (torchrun rendezvous or SLURM); --out must be a folder every
@@ -79,7 +84,9 @@ def get_parser():
     p.add_argument("--logit-scale-max", type=float, default=100.0,
                    help="clamp exp(logit_scale) after each step (CLIP's rule, kept by open_clip; the PI paper does "
                         "not say)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DDP-wrapped model (so each gradient bucket's all-reduce overlaps the rest "
+                        "of the backward) and the device augmentation (see wrap_model)")
     # the recipe: epochs and batch are the paper's; it gives no optimiser settings, so these are open_clip's
     add_recipe_args(p, epochs=(32, "PI paper §3.2"), batch_size=(30720, "PI paper §3.4"),
                     lr=(5e-4, "ours: open_clip's ViT-B/32 value"), weight_decay=(0.2, "ours: open_clip's"),
