@@ -17,7 +17,7 @@ per epoch from each printed here):
     evaluate  evaluate.py --compare           -> seed_<s>/eval_pi_vs_baseline/, eval_qkv_vs_baseline/
     figures   evaluate.py --scaling pi,baseline, plots.py curves -> seed_<s>/figures/ (Figures 3-4, training curves)
 
-and finally writes summary.md: the sizes the seeds ran at, and per benchmark the mean ± sd over seeds of PI,
+and finally writes summary.md: the sizes each seed ran at, and per benchmark the mean ± sd over seeds of PI,
 baseline and human-later, the paired PI - baseline difference with its 95% t-interval (two seeds at least), and the
 paper's win count, counting only the differences whose interval excludes 0. The toy world tests the machinery, not
 the paper's claim: read its numbers as such.
@@ -306,7 +306,7 @@ def paired_interval(ours, base, level=0.95):
 def describe_sizes(mode, size):
     """One line naming a mode and its sizes, for summary.md."""
     if mode is None:
-        return "Mode and sizes not recorded (the seeds' benchmarks.json were written by an older demo.py)."
+        return "Mode and sizes not recorded (each seed's benchmarks.json was written by an older demo.py)."
     w = size["world"]
     return (f"Mode: {mode}. World: {w['n_pairs']:,} image-caption pairs, {w['n_triplets']:,} triplets, "
             f"{w['n_test_per_class']} test images per zero-shot class, {w['n_retrieval']} retrieval images; "
