@@ -425,7 +425,7 @@ def main(argv=None):
 
 
 def summarise(p, out, seeds):
-    """--summary-only: summary.md from the seeds' benchmarks.json, if they all ran at the same sizes."""
+    """--summary-only: summary.md from each seed's benchmarks.json, if they all ran at the same sizes."""
     records = {}
     for seed in seeds:
         path = os.path.join(out, f"seed_{seed}", "benchmarks.json")
