@@ -465,6 +465,7 @@ def test_run_main_prints_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         model.run_main(preempted)
     assert exit_.value.code == model.PREEMPTED
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # as the process leaves (conftest restores it)
     monkeypatch.setenv("TRACEBACK", "1")
     with pytest.raises(RecipeError):
         model.run_main(fails)
