@@ -26,4 +26,5 @@ train_clip.train_step(ddp, batch["images"], batch["tokens"], accum_steps, torch.
                       params=batch["params"])
 if d.is_main:
     torch.save({name: p.grad for name, p in model.named_parameters()}, out)
+del ddp  # DDP's reducer goes before the process group it holds, not after it at interpreter exit
 cleanup_distributed()
