@@ -205,12 +205,13 @@ def benchmark_data(root, n_pairs, n_shards, side):
 
 
 def _plain_pipeline(shards, tokenizer, transform, batch_size):
-    """The baseline: the same tar stream, PIL decoding every pixel, the transform exactly as given (torchvision)."""
-    images, captions, bad = [], [], Counter()
+    """The baseline: the same tar members read the same way, PIL decoding every pixel, the transform exactly as
+    given (torchvision)."""
+    images, captions, read = [], [], data.MemberReader()
     for path in shards:
-        for sample in data.tar_samples(path, bad):
-            images.append(transform(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
-            captions.append(sample["txt"].decode())
+        for _, sample in data.tar_index(path, Counter()):
+            images.append(transform(Image.open(io.BytesIO(read(path, *sample["jpg"]))).convert("RGB")))
+            captions.append(read(path, *sample["txt"]).decode())
             if len(images) == batch_size:
                 yield dict(images=torch.stack(images), tokens=tokenizer(captions))
                 images, captions = [], []
@@ -225,8 +226,8 @@ def bench_data(args):
         pattern, kb, tok, _ = benchmark_data(root, args.data_samples, 2, args.side)
         n, batch = args.data_samples, 32
         shards = data.expand_shards(pattern)
-        ours = data.TarImageText(shards, data.shard_sizes(shards), tok, args.image_size, batch, n // batch, epochs=1,
-                                 streams=1, buffer_size=256)
+        ours = data.ImageTextStreams(data.TarShards(shards), tok, args.image_size, batch, n // batch, epochs=1,
+                                     streams=1, buffer_size=256)
         transform = data.train_transform(args.image_size)
         plain = lambda: _plain_pipeline(data.expand_shards(pattern), tok, transform, batch)  # noqa: E731
         rates = {"ours": [], "plain": []}
@@ -244,7 +245,7 @@ def bench_data(args):
     _table(["pipeline", "samples/s per core (median)", "range"],
            [("plain: PIL full decode + torchvision train_transform, float32 out", f"{med['plain']:.0f}",
              f"{min(rates['plain']):.0f}-{max(rates['plain']):.0f}"),
-            ("ours: data.TarImageText (draft decode, crop + flip, uint8 + params out)", f"{med['ours']:.0f}",
+            ("ours: data.ImageTextStreams (draft decode, crop + flip, uint8 + params out)", f"{med['ours']:.0f}",
              f"{min(rates['ours']):.0f}-{max(rates['ours']):.0f}")])
     print(f"\nDevice side (data.photometric_augment + normalize, batched), on this CPU with "
           f"{torch.get_num_threads()} thread(s): {device_ms:.0f} ms per 1,024 images")
@@ -370,14 +371,14 @@ def bench_mixing(args):
         return ((piece[0], i) for i in range(piece[1], piece[2]))
 
     mine = range(streams // args.ranks)  # rank 0's streams
-    samples = [data.stream_samples(plan[s], read, 0, 0, s, args.shards_per_stream, args.buffer) for s in mine]
+    samples = [data.stream_samples(plan[s], read, 0, 0, s, args.buffer) for s in mine]
     rows = []
     for k in range(args.batches):
         shards = {next(samples[s])[1][0] for s in mine for _ in range(per_step)}
         rows.append((k, f"{len(shards):,}"))
     print(f"{args.shards:,} shards x {args.shard_size:,} samples, {args.ranks} ranks, global batch "
           f"{args.global_batch:,} ({args.global_batch // args.ranks:,} per rank) from {streams} streams of {per_step} "
-          f"samples a step ({len(mine)} per rank), {args.shards_per_stream} shards open per stream, shuffle buffer "
+          f"samples a step ({len(mine)} per rank), shuffle buffer "
           f"{args.buffer:,}; the order is the same for any number of workers")
     _table(["rank-0 batch", "distinct shards in it"], rows)
     print(f"\nshards per rank batch (min over {args.batches}): {min(int(r[1].replace(',', '')) for r in rows)}")
@@ -955,15 +956,15 @@ def main(argv=None):
     lo2 = sub.add_parser("loader", help="stage-2 loader alone: peak host memory at the per-rank batch", **fmt)
     lo2.add_argument("--batch-size", type=int, default=5120, help="per-rank batch")
     lo2.add_argument("--workers", type=int, default=4, help="DataLoader workers")
-    lo2.add_argument("--streams", type=int, default=40,
-                     help="streams of this rank (the paper's: 240 streams shared by 6 ranks, 128 samples a step each)")
+    lo2.add_argument("--streams", type=int, default=80,
+                     help="streams of this rank (the paper's: 480 streams shared by 6 ranks, 64 samples a step each)")
     lo2.add_argument("--batches", type=int, default=3, help="rank batches to read")
     lo2.add_argument("--side", type=int, default=512, help="short side of the JPEGs in the shards")
     lo2.add_argument("--image-size", type=int, default=224, help="crop size")
     st = sub.add_parser("stall", help="the loader feeding a simulated step: the fraction of time spent waiting", **fmt)
     st.add_argument("--batch-size", type=int, default=5120, help="per-rank batch")
     st.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    st.add_argument("--streams", type=int, default=None, help="--data-streams (default: gcd(batch, 240))")
+    st.add_argument("--streams", type=int, default=None, help="--data-streams (default: gcd(batch, 480))")
     st.add_argument("--steps", type=int, default=5, help="simulated steps measured (after the first batch)")
     st.add_argument("--step-factor", type=float, default=1.3,
                     help="the simulated step's length over the loader's own time per batch")
@@ -974,9 +975,7 @@ def main(argv=None):
     mx.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     mx.add_argument("--ranks", type=int, default=6, help="data-parallel ranks")
     mx.add_argument("--global-batch", type=int, default=30720, help="pairs per optimiser step over all ranks")
-    mx.add_argument("--streams", type=int, default=None, help="--data-streams (default: gcd(global batch, 240))")
-    mx.add_argument("--shards-per-stream", type=int, default=data.SHARDS_PER_STREAM,
-                    help="tar shards each stream interleaves")
+    mx.add_argument("--streams", type=int, default=None, help="--data-streams (default: gcd(global batch, 480))")
     mx.add_argument("--buffer", type=int, default=data.SHUFFLE_BUFFER, help="shuffle buffer per stream")
     mx.add_argument("--batches", type=int, default=5, help="rank-0 batches to inspect")
     m = sub.add_parser("memory", help="GPU memory of a training step without a GPU (fake tensors, CUDA autocast "

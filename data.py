@@ -31,7 +31,7 @@ import unicodedata
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -364,7 +364,7 @@ def learn_bpe(captions, out_path, num_merges):
 
 
 # --- Image transforms (CLIP normalisation; the paper's augmentations, §3.4) ---
-# Reads no files: PIL images in, normalised tensors out; the readers below apply them.
+# Reads no files: PIL images (or, ImageDecoder, encoded bytes) in, tensors out; the readers below apply them.
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's RGB statistics
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -546,6 +546,94 @@ def _gaussian_blur(x, kernel_size, sigma):
     return x.view(n, c, h, w)
 
 
+# ---- stage 2's CPU part: encoded bytes -> uint8 crop + the sample's photometric parameters (device_transform does
+# the rest)
+
+
+class ImageDecoder:
+    """Encoded image bytes -> transformed tensor, decoding no more JPEG pixels than the output can show.
+
+    If the transform starts with RandomResizedCrop (train_crop_transform), the crop box is drawn -- by that
+    transform's own make_params, so with the same random numbers -- from the image size in the file header, before
+    decoding. Pillow's JPEG draft mode then decodes at the smallest DCT scale (1, 1/2, 1/4, 1/8) at which the box
+    still covers at least the output size, and Pillow crops and resizes it. If it starts with Resize(s)
+    (eval_crop_transform), the draft keeps the short side >= s. Either way only pixels the final resize would have
+    averaged away are skipped. The rest of the transform runs as given. PNG and WebP are decoded in full.
+    """
+
+    def __init__(self, transform):
+        steps = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
+        self.crop = steps.pop(0) if type(steps[0]) is v2.RandomResizedCrop else None
+        first = steps[0] if steps else None
+        self.draft_side = None
+        if isinstance(first, v2.Resize) and first.max_size is None and len(first.size or []) == 1:
+            self.draft_side = first.size[0]  # Resize(s): the short side becomes s
+        # Resize(s), CenterCrop(s), ToImage leave an s x s image as it is (as img2dataset's center_crop mode writes
+        # them): such an image goes straight to ToImage, saving most of the per-image time on small images
+        self.unchanged_side = None
+        if (self.draft_side and [type(t) for t in steps] == [v2.Resize, v2.CenterCrop, v2.ToImage]
+                and list(steps[1].size) == [self.draft_side] * 2):
+            self.unchanged_side = self.draft_side
+        self.rest = v2.Compose(steps)
+
+    def __call__(self, data):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Palette images with transparency...": harmless for training
+            img = Image.open(io.BytesIO(data))
+            if self.crop is not None:
+                img = self._crop_and_resize(img)
+            else:
+                if self.draft_side and img.format == "JPEG":
+                    img.draft("RGB", (self.draft_side, self.draft_side))
+                img = _decoded_rgb(img)
+                if img.size == (self.unchanged_side, self.unchanged_side):
+                    return v2.functional.to_image(img)
+        return self.rest(img)
+
+    def _crop_and_resize(self, img):
+        full_w, full_h = img.size
+        make_params = getattr(self.crop, "make_params", None) or self.crop._get_params  # torchvision < 0.21
+        p = make_params([img])  # reads only img.size: the header
+        out_h, out_w = self.crop.size
+        scale = 1
+        while scale < 8 and p["height"] // (2 * scale) >= out_h and p["width"] // (2 * scale) >= out_w:
+            scale *= 2
+        if scale > 1 and img.format == "JPEG":
+            img.draft("RGB", (full_w // scale, full_h // scale))  # Pillow picks this DCT scale (or 1 if it must)
+        resample = pil_modes_mapping[self.crop.interpolation]
+        box = (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
+        if img.size == (full_w, full_h):  # full-size decode: exactly torchvision's crop, then resize
+            return _decoded_rgb(img).crop(box).resize((out_w, out_h), resample)
+        sx, sy = img.size[0] / full_w, img.size[1] / full_h  # the box on the reduced image, in fractional pixels
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        return _decoded_rgb(img).resize((out_w, out_h), resample, box=box)
+
+
+def _decoded_rgb(img):
+    img.load()  # decodes; raises on truncated or corrupt data
+    return img if img.mode == "RGB" else img.convert("RGB")  # (convert would copy an RGB image)
+
+
+def crop_decoder(image_size, augment=True):
+    """The CPU part of stage 2's preprocessing: train_crop_transform (random crop + flip) or eval_crop_transform."""
+    return ImageDecoder((train_crop_transform if augment else eval_crop_transform)(image_size))
+
+
+def decode_sample(decoder, data, seed, augment=True):
+    """bytes -> (uint8 [3, S, S] crop, photometric parameters [PHOTOMETRIC_PARAMS] or None), with torch's CPU
+    generator seeded for this one sample and put back afterwards. The crop and flip draw first, then the photometric
+    parameters, in train_transform's order: a sample's augmentation is the same whichever worker or rank makes it,
+    and in a resumed run. (torch.manual_seed would also touch the CUDA generators: ~0.1 ms a call.)"""
+    gen = torch.default_generator
+    state = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        image = decoder(data)
+        return image, (draw_photometric_params(gen) if augment else None)
+    finally:
+        gen.set_state(state)
+
+
 # --- NIGHTS (human 2AFC triplets) ---
 # NIGHTS (Fu et al. 2023, "DreamSim") as distributed: a folder with data.csv and the images it names, e.g.
 #   nights/data.csv
@@ -673,45 +761,34 @@ class NightsTriplets(Dataset):
 
 
 # --- Image-text data (tar shards, CSV) ---
-# Stage 2's (image, caption) pairs (PI paper §3.2), in the two layouts people have:
+# Stage 2's (image, caption) pairs (PI paper §3.2), in the two layouts people have, each a sample source:
 #   * webdataset-style tar shards as img2dataset writes them: consecutive members {key}.jpg|png|webp, {key}.txt and an
-#     optional {key}.json, with a {shard}_stats.json beside each (TarImageText);
-#   * a CSV/TSV file with an image-path column and a caption column (open_clip's filepath/title; CsvImageText).
-# The CPU does only what must happen per image: DataLoader workers decode (JPEGs at the reduced DCT scale the crop
-# needs), random-resized-crop, resize and flip, and hand over uint8 [3, S, S] crops plus each sample's photometric
-# parameters (drawn from the sample's own seed). The photometric augmentations of §3.4 and the CLIP normalisation
-# run batched on the training device (device_transform).
+#     optional {key}.json, with a {shard}_stats.json beside each (TarShards);
+#   * a CSV/TSV file with an image-path column and a caption column (open_clip's filepath/title; CsvRows).
+# Both are read by canonical streams (ImageTextStreams): the order is a function of (seed, epoch, data) only, never
+# of the ranks or workers (stream_pieces); every rank takes the same steps; an epoch reads each sample at most once;
+# unusable samples are skipped, counted and replaced by their stream's next one. DataLoader workers decode and crop
+# (decode_sample) and hand over uint8 crops with each sample's photometric parameters; the rest of §3.4's
+# augmentation runs batched on the device (device_transform). One DataLoader serves the whole run, a step of items
+# deep, and a thread joins the next rank batch while the step runs (ImageTextData.batches).
 #
-# The sample order is a function of (seed, epoch, data) only, never of the hardware: global batch t of epoch e is the
-# same samples with the same augmentation draws on 1 GPU or 64, with 0 workers or 16 (tar: canonical streams, see
-# stream_pieces; CSV: GlobalBatchSampler). So PI and its baseline see identical batches wherever each one runs, and a
-# run resumes mid-epoch on another number of ranks or workers exactly where it stopped. Every rank takes the same
-# number of steps, an epoch reads each sample at most once, and corrupt images, missing captions and truncated tar
-# members are skipped and counted (a skipped sample is replaced by its stream's next one).
-#
-# The loader stays ahead of the step: the workers of a rank run one DataLoader over the whole run (all epochs, no
-# restart between them), at least one rank batch deep, and a background thread joins each step's items into one
-# (pinned) rank batch while the previous step runs, so the training loop only takes a finished batch.
-#
-# What is held, at the paper's scale (global batch 30,720 = 5,120 per GPU on 6 ranks, 240 streams = 40 per rank of
-# 128 samples a step, 4 workers per rank, 15M samples in 1,500 shards of 10,000, 224 px, JPEGs of ~20-90 KB):
-#   stream shuffle buffer   1,000 sample references per stream  (offsets into the tar, not bytes): ~40 MB per rank
-#   open shards per stream  2 tar files                         file handles; bytes are read when a sample is decoded
-#   DataLoader queue        one step + one item per worker      44 items x 128 x 150 KB = 850 MB of /dev/shm per rank
+# What is held, at the paper's scale (global batch 30,720 = 5,120 per GPU on 6 ranks, 480 streams = 80 per rank of
+# 64 samples a step, 4 workers per rank, 15M samples in 1,500 shards of 10,000, 224 px, JPEGs of ~20-90 KB):
+#   stream shuffle buffer   1,000 sample references per stream  (offsets into the tar, not bytes): ~60 MB per rank
+#   open shards             one per stream (two at a boundary)  file handles; bytes are read when a sample is decoded
+#   DataLoader queue        one step + one item per worker      84 items x 64 x 150 KB = 810 MB of /dev/shm per rank
 #   joined rank batch       5,120 x 3 x 224 x 224 uint8         771 MB pinned; one queued, one being joined
 #   device                  uint8 rank batch + float chunk      771 MB + 3.1 GB per 5,120 (see train_clip.train_step)
-# Entry point: image_text_loader(...) -> ImageTextData with .steps_per_epoch and .batches(start_step, positions).
+#   (a CSV of 15M rows: its paths and captions in every worker, and a 120 MB row order per worker and epoch)
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Why a sample was skipped, as counted in each batch's "bad" and summed over ranks in train_clip's log.jsonl
 NO_IMAGE, NO_CAPTION, UNDECODABLE, TRUNCATED = "no image", "no caption", "undecodable", "truncated"
 SKIPS = (NO_IMAGE, NO_CAPTION, UNDECODABLE, TRUNCATED)
-# Not a skip: a sample a stream read a second time in one epoch because its shards held fewer usable samples than
-# their _stats.json said (so that every rank still takes the same number of steps; see stream_samples)
+# Not a skip: a sample a stream read a second time in one epoch because its share held fewer usable samples than
+# planned (so that every rank still takes the same number of steps; see stream_samples)
 REREAD = "reread"
-DATA_STREAMS = 240  # tar: gcd(global batch, 240) canonical streams by default; 240 shares out over 1-6, 8, 10, 12 ranks
-SHARDS_PER_STREAM = 2  # tar shards a stream reads at once, interleaved
+DATA_STREAMS = 480  # default streams: gcd(global batch, 480); 480 shares out over 1-6, 8, 10, 12, 15, 16, 20, 24 ranks
 SHUFFLE_BUFFER = 1000  # sample references per stream shuffle buffer
-MICRO_BATCH = 256  # CSV: rows per worker item
 
 
 def stable_seed(*keys):
@@ -719,149 +796,44 @@ def stable_seed(*keys):
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
 
 
+def is_csv(spec):
+    return isinstance(spec, str) and spec.lower().endswith((".csv", ".tsv"))
+
+
 def expand_shards(spec):
     """'yfcc/{00000..01499}.tar' -> the 1,500 paths (zero-padded like the pattern); '{a,b}' lists alternatives;
-    several patterns may be joined with '::' (open_clip's convention) or given as a list. Also, since a quoted
-    pattern reaches the script as it is: a shell pattern ('yfcc/*.tar') is expanded, sorted, and a folder ('yfcc/')
-    stands for the .tar files in it, sorted. A pattern or folder that names no file is an error."""
-    if isinstance(spec, (list, tuple)):
-        return [path for s in spec for path in expand_shards(s)]
-    paths = []
-    for part in str(spec).split("::"):
-        m = re.search(r"\{([^{}]*)\}", part)
-        if m is None:
-            paths += _pattern_or_folder(part)
-            continue
-        r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
-        options = ([str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r
-                   else m.group(1).split(","))
-        for option in options:
-            paths += expand_shards(part[:m.start()] + option + part[m.end():])
-    return paths
-
-
-def _pattern_or_folder(path):
-    """One shard path after brace expansion: itself, the sorted matches of a shell pattern, or a folder's .tar files."""
-    if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
-        if not found:
-            raise FileNotFoundError(f"{path} is a folder without .tar files in it; name the shards as "
-                                    f"'dir/{{00000..00099}}.tar' or 'dir/*.tar'")
-        return found
-    if os.path.exists(path) or not glob.has_magic(path):
-        return [path]  # a missing plain path is reported by the caller, with the others
-    found = sorted(glob.glob(path))
+    several patterns may be joined with '::' (open_clip's convention) or given as a list. Since a quoted pattern
+    reaches the script as it is, a shell pattern ('yfcc/*.tar') is expanded too, and a folder ('yfcc/') stands for
+    its .tar files, sorted. A pattern or folder that names no file is an error; a missing plain path is returned."""
+    if isinstance(spec, (list, tuple)) or "::" in spec:
+        return [path for s in (spec if isinstance(spec, (list, tuple)) else spec.split("::"))
+                for path in expand_shards(s)]
+    m = re.search(r"\{([^{}]*)\}", spec)
+    if m:
+        r = re.fullmatch(r"(\d+)\.\.(\d+)", m[1])
+        options = [str(i).zfill(len(r[1])) for i in range(int(r[1]), int(r[2]) + 1)] if r else m[1].split(",")
+        return [path for o in options for path in expand_shards(spec[:m.start()] + o + spec[m.end():])]
+    if os.path.isdir(spec):
+        found = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+    elif os.path.exists(spec) or not glob.has_magic(spec):
+        return [spec]
+    else:
+        found = sorted(glob.glob(spec))
     if not found:
-        raise FileNotFoundError(f"no file matches {path!r}; shards can also be named as 'dir/{{00000..00099}}.tar'")
+        raise FileNotFoundError(f"no .tar file is named by {spec!r}; shards can be named as "
+                                f"'dir/{{00000..00099}}.tar', 'dir/*.tar' or 'dir/'")
     return found
 
 
-# ---- decoding: encoded bytes -> uint8 crop + the sample's photometric parameters
-
-
-class ImageDecoder:
-    """Encoded image bytes -> transformed tensor, decoding no more JPEG pixels than the output can show.
-
-    If the transform starts with RandomResizedCrop (train_crop_transform), the crop box is drawn -- by that
-    transform's own make_params, so with the same random numbers -- from the image size in the file header, before
-    decoding. Pillow's JPEG draft mode then decodes at the smallest DCT scale (1, 1/2, 1/4, 1/8) at which the box
-    still covers at least the output size, and Pillow crops and resizes it. If it starts with Resize(s)
-    (eval_crop_transform), the draft keeps the short side >= s. Either way only pixels the final resize would have
-    averaged away are skipped. The rest of the transform runs as given. PNG and WebP are decoded in full.
-    """
-
-    def __init__(self, transform):
-        steps = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
-        self.crop = steps.pop(0) if type(steps[0]) is v2.RandomResizedCrop else None
-        first = steps[0] if steps else None
-        self.draft_side = None
-        if isinstance(first, v2.Resize) and first.max_size is None and len(first.size or []) == 1:
-            self.draft_side = first.size[0]  # Resize(s): the short side becomes s
-        # Resize(s), CenterCrop(s), ToImage leave an s x s image as it is (as img2dataset's center_crop mode writes
-        # them): such an image goes straight to ToImage, saving most of the per-image time on small images
-        self.unchanged_side = None
-        if (self.draft_side and [type(t) for t in steps] == [v2.Resize, v2.CenterCrop, v2.ToImage]
-                and list(steps[1].size) == [self.draft_side] * 2):
-            self.unchanged_side = self.draft_side
-        self.rest = v2.Compose(steps)
-
-    def __call__(self, data):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Palette images with transparency...": harmless for training
-            img = Image.open(io.BytesIO(data))
-            if self.crop is not None:
-                img = self._crop_and_resize(img)
-            else:
-                if self.draft_side and img.format == "JPEG":
-                    img.draft("RGB", (self.draft_side, self.draft_side))
-                img = _decoded_rgb(img)
-                if img.size == (self.unchanged_side, self.unchanged_side):
-                    return v2.functional.to_image(img)
-        return self.rest(img)
-
-    def _crop_and_resize(self, img):
-        full_w, full_h = img.size
-        make_params = getattr(self.crop, "make_params", None) or self.crop._get_params  # torchvision < 0.21
-        p = make_params([img])  # reads only img.size: the header
-        out_h, out_w = self.crop.size
-        scale = 1
-        while scale < 8 and p["height"] // (2 * scale) >= out_h and p["width"] // (2 * scale) >= out_w:
-            scale *= 2
-        if scale > 1 and img.format == "JPEG":
-            img.draft("RGB", (full_w // scale, full_h // scale))  # Pillow picks this DCT scale (or 1 if it must)
-        resample = pil_modes_mapping[self.crop.interpolation]
-        box = (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
-        if img.size == (full_w, full_h):  # full-size decode: exactly torchvision's crop, then resize
-            return _decoded_rgb(img).crop(box).resize((out_w, out_h), resample)
-        sx, sy = img.size[0] / full_w, img.size[1] / full_h  # the box on the reduced image, in fractional pixels
-        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        return _decoded_rgb(img).resize((out_w, out_h), resample, box=box)
-
-
-def _decoded_rgb(img):
-    img.load()  # decodes; raises on truncated or corrupt data
-    return img if img.mode == "RGB" else img.convert("RGB")  # (convert would copy an RGB image)
-
-
-def crop_decoder(image_size, augment=True):
-    """The CPU part of stage 2's preprocessing: train_crop_transform (random crop + flip) or eval_crop_transform."""
-    return ImageDecoder((train_crop_transform if augment else eval_crop_transform)(image_size))
-
-
-def decode_sample(decoder, data, seed, augment=True):
-    """bytes -> (uint8 [3, S, S] crop, photometric parameters [PHOTOMETRIC_PARAMS] or None), with torch's CPU
-    generator seeded for this one sample and put back afterwards. The crop and flip draw first, then the photometric
-    parameters, in train_transform's order: a sample's augmentation is the same whichever worker or rank makes it,
-    and in a resumed run. (torch.manual_seed would also touch the CUDA generators: ~0.1 ms a call.)"""
-    gen = torch.default_generator
-    state = gen.get_state()
-    gen.manual_seed(seed)
-    try:
-        image = decoder(data)
-        return image, (draw_photometric_params(gen) if augment else None)
-    finally:
-        gen.set_state(state)
-
-
-def _micro_batch(images, params, captions, tokenizer, context_length, bad, **extra):
-    return dict(images=torch.stack(images), params=torch.stack(params) if params and params[0] is not None else None,
-                tokens=tokenizer(captions, context_length=context_length), bad=dict(bad), **extra)
-
-
-def _split(n, parts):
-    """Sizes of n split into `parts` near-equal parts, the larger ones first."""
-    return [n // parts + (i < n % parts) for i in range(parts)]
-
-
-
-# ---- webdataset-style tar shards: where the samples lie
+# ---- sample sources: their sizes, a piece's samples in file order, and a sample's bytes
 
 
 def tar_index(path, bad, start=0, stop=None):
-    """Samples start, ..., stop - 1 of one plain (uncompressed) tar shard, in file order, from the headers alone:
-    dicts {"__key__": key, ext: (offset, size)} saying where each member's bytes lie (read them with MemberReader).
-    A sample is the consecutive members sharing a key (the file name up to its first dot, as webdataset groups them).
-    A truncated or unreadable shard ends early, keeping what came before; `bad` (a Counter) counts the damage."""
+    """(index, sample) for samples start, ..., stop - 1 of one plain (uncompressed) tar shard, in file order, from
+    the headers alone: sample = {"__key__": key, ext: (offset, size)}, where each member's bytes lie (MemberReader
+    reads them). A sample is the consecutive members sharing a key (the file name up to its first dot, as
+    webdataset groups them). A truncated or unreadable shard ends early, keeping what came before; `bad` (a
+    Counter) counts the damage."""
     sample, index = {}, -1
     try:
         # unbuffered, so that only the 512-byte headers are read (a buffered file on Lustre or NFS would read a
@@ -872,24 +844,23 @@ def tar_index(path, bad, start=0, stop=None):
                 tar.members = []  # tarfile keeps every header it has read: ~15 MB for a 10,000-sample shard
                 if not member.isfile():
                     continue
-                key, ext = _key_and_ext(member.name)
-                if index < 0 or sample.get("__key__") != key:
-                    if len(sample) > 1:
-                        yield sample
-                    index += 1
-                    sample = {"__key__": key}
+                base = os.path.basename(member.name)
+                key, ext = member.name[:len(member.name) - len(base)] + base.partition(".")[0], base.partition(".")[2]
+                if index < 0 or sample["__key__"] != key:
+                    if index >= start and len(sample) > 1:
+                        yield index, sample
+                    index, sample = index + 1, {"__key__": key}
                     if stop is not None and index >= stop:
                         return
                 if member.offset_data + member.size > end:
                     raise EOFError(f"{member.name} is cut short")
-                if index >= start:
-                    sample[ext.lower()] = (member.offset_data, member.size)
+                sample[ext.lower()] = (member.offset_data, member.size)
     except (tarfile.TarError, OSError, EOFError) as err:  # truncated member or archive, unreadable file
         bad[TRUNCATED] += 1
         warnings.warn(f"{path}: {type(err).__name__}: {err}; keeping the samples before it")
         sample = {}  # the sample being read is incomplete
     if index >= start and len(sample) > 1:
-        yield sample
+        yield index, sample
 
 
 class MemberReader:
@@ -913,67 +884,127 @@ class MemberReader:
         self.files = {}
 
 
-def tar_samples(path, bad, start=0, stop=None):
-    """tar_index with each member's bytes read: {"__key__": key, ext: bytes}."""
-    read = MemberReader(keep=1)
-    try:
-        for sample in tar_index(path, bad, start, stop):
-            yield {k: v if k == "__key__" else read(path, *v) for k, v in sample.items()}
-    finally:
-        read.close()
-
-
-def _key_and_ext(name):
-    folder, name = os.path.split(name)
-    key, _, ext = name.partition(".")
-    return (f"{folder}/{key}" if folder else key), ext
-
-
-def count_tar_samples(path):
-    """Samples in a tar shard, from its headers alone (seeks over the data); a damaged shard counts what precedes
-    the damage."""
-    return sum(1 for _ in tar_index(path, Counter()))
-
-
-def check_plain_tar(path):
-    """Compressed shards cannot be read by offset: say so at start, not as skips in every worker."""
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
-        raise ValueError(f"{path} is a compressed tar: shards must be plain .tar files (as img2dataset and "
-                         f"webdataset's TarWriter write them); unpack it, e.g. gunzip")
-
-
-def _stats_size(path):
-    """img2dataset's {shard}_stats.json "successes" for one shard, or None without that file."""
-    stats = re.sub(r"\.tar(\.\w+)?$", "_stats.json", path)
-    if stats == path or not os.path.isfile(stats):
-        return None
-    with open(stats) as f:
-        return int(json.load(f)["successes"])
-
-
 def shard_sizes(shards):
     """Samples per shard: img2dataset's {shard}_stats.json "successes", or, without one, the shard's samples counted
-    from its tar headers (no image data read)."""
-    return [n if (n := _stats_size(path)) is not None else count_tar_samples(path) for path in shards]
+    from its tar headers (no image data read; a damaged shard counts what precedes the damage)."""
+    sizes = []
+    for path in shards:
+        stats = re.sub(r"\.tar$", "_stats.json", path)
+        if stats != path and os.path.isfile(stats):
+            with open(stats) as f:
+                sizes.append(int(json.load(f)["successes"]))
+        else:
+            sizes.append(sum(1 for _ in tar_index(path, Counter())))
+    return sizes
 
 
-# ---- the sample order of tar shards: canonical streams
+class TarShards:
+    """Plain tar shards as a sample source: a sample is (shard, index in shard, {ext: (offset, size)})."""
+
+    def __init__(self, shards):
+        missing = [p for p in shards if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}")
+        with open(shards[0], "rb") as f:  # compressed shards cannot be read by offset: say so now, not as skips
+            if f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
+                raise ValueError(f"{shards[0]} is a compressed tar: shards must be plain .tar files (as img2dataset "
+                                 f"and webdataset's TarWriter write them); unpack it, e.g. gunzip")
+        self.shards, self.sizes, self.read = shards, shard_sizes(shards), MemberReader()
+
+    def samples(self, piece, seed, epoch, bad):
+        shard, start, stop = piece
+        return ((shard, index, sample) for index, sample in tar_index(self.shards[shard], bad, start, stop))
+
+    def load(self, shard, sample, bad):
+        """(encoded image, caption) of one sample, or None for a counted skip."""
+        where = next((sample[e] for e in SHARD_IMAGE_EXTENSIONS if e in sample), None)
+        if where is None or "txt" not in sample:
+            bad[NO_IMAGE if where is None else NO_CAPTION] += 1
+            return None
+        try:
+            path = self.shards[shard]
+            return self.read(path, *where), self.read(path, *sample["txt"]).decode("utf-8", errors="replace")
+        except OSError:  # the file went away or the disk failed under it
+            bad[TRUNCATED] += 1
+            return None
+
+    def describe(self, shard, sample):
+        return (f"{self.shards[shard]} has members {sorted(k for k in sample if k != '__key__')} for "
+                f"{sample['__key__']}; a sample needs an image ({'/'.join(SHARD_IMAGE_EXTENSIONS)}) and a txt caption")
+
+    def close(self):
+        self.read.close()
+
+
+class CsvRows:
+    """A CSV/TSV file of (image path, caption) rows as a sample source: one shard, read in a row order drawn from
+    (seed, epoch). A relative image path is read, as open_clip does, from the working directory the run started in;
+    where no file is there, from the CSV's own folder (so a CSV beside its images works from anywhere). Rows with
+    an empty caption are dropped (counted in `no_caption`). If none of the first rows' images exists, the paths are
+    wrong: an error at once, naming both places looked in."""
+
+    def __init__(self, path, img_key="filepath", caption_key="title", sep=None):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=sep or ("\t" if path.endswith(".tsv") else ","))
+            absent = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
+            if absent:
+                raise ValueError(f"{path}: no column {absent} among {reader.fieldnames}; "
+                                 f"set --csv-img-key / --csv-caption-key (and --csv-separator)")
+            rows = [(r[img_key], (r[caption_key] or "").strip()) for r in reader]
+        # absolute now: DataLoader workers resolve the same paths whatever their working directory
+        self.cwd, self.root = os.getcwd(), os.path.dirname(os.path.abspath(path))
+        self.paths, self.captions = [p for p, c in rows if c], [c for _, c in rows if c]
+        self.no_caption, self.sizes, self.order = len(rows) - len(self.paths), [len(self.paths)], (None, None)
+        first = range(min(16, len(self.paths)))
+        if len(first) and not any(os.path.isfile(self.path(i)) for i in first):
+            p = self.paths[0]
+            where = (f"{p} does not exist" if os.path.isabs(p) else
+                     f"{p!r} is neither at {os.path.join(self.cwd, p)} (the working directory, as open_clip reads "
+                     f"it) nor at {os.path.join(self.root, p)} (the CSV's folder)")
+            raise FileNotFoundError(f"{path}: none of the first {len(first)} images exists: {where}")
+
+    def path(self, i):
+        p = self.paths[i]
+        if os.path.isabs(p):
+            return p
+        here = os.path.join(self.cwd, p)
+        return here if os.path.exists(here) else os.path.join(self.root, p)
+
+    def samples(self, piece, seed, epoch, bad):
+        if self.order[0] != (seed, epoch):  # a permutation of all rows, drawn once per worker and epoch
+            self.order = (seed, epoch), np.random.default_rng(stable_seed(seed, epoch)).permutation(self.sizes[0])
+        return ((0, int(row), int(row)) for row in self.order[1][piece[1]:piece[2]])
+
+    def load(self, shard, row, bad):
+        try:
+            with open(self.path(row), "rb") as f:
+                return f.read(), self.captions[row]
+        except OSError:
+            bad[NO_IMAGE] += 1
+            return None
+
+    def describe(self, shard, row):
+        return f"{self.path(row)} ({self.captions[row]!r})"
+
+    def close(self):
+        pass
+
+
+# ---- the sample order: canonical streams
 
 
 def stream_pieces(sizes, streams, per_stream, seed, epoch):
     """THE ORDER. Which samples each of the `streams` canonical streams reads in an epoch: [[(shard, start, stop)]].
 
-    The shards are put in an order drawn from (seed, epoch) and read as one sequence of sum(sizes) samples; stream s
-    takes the s-th contiguous range of `per_stream` samples of it (steps x batch / streams; the tail, less than one
-    global batch, is not read this epoch). A shard split between two streams is read by both, each only its own
-    samples. Each stream then goes through its samples in an order drawn from (seed, epoch, stream)
-    (stream_samples), and global batch t of the epoch is, for s = 0, 1, ..., streams - 1, the t-th batch/streams
-    usable samples of stream s. Nothing here depends on the ranks or workers: rank r of R reads streams
-    [r S/R, (r+1) S/R), shared out among its workers, and the ranks' batches, joined in rank order, are the global
-    batch in stream order. So the global batch is the same on any R x W, and a stream resumes from its position
-    alone on any other R' x W'."""
+    The shards are put in an order drawn from (seed, epoch) and read as one sequence of sum(sizes) samples (a shard
+    in file order; a CSV is one shard, its rows in an order drawn from (seed, epoch)); stream s takes the s-th
+    contiguous range of `per_stream` samples of it (steps x batch / streams; the tail, less than one global batch,
+    is not read this epoch). A shard split between two streams is read by both, each only its own samples. Each
+    stream then goes through its samples in an order drawn from (seed, epoch, stream) (stream_samples), and global
+    batch t of the epoch is, for s = 0, 1, ..., streams - 1, the t-th batch/streams usable samples of stream s.
+    Nothing here depends on the ranks or workers: rank r of R reads streams [r S/R, (r+1) S/R), shared out among its
+    workers, and the ranks' batches, joined in rank order, are the global batch in stream order. So the global batch
+    is the same on any R x W, and a stream resumes from its position alone on any other R' x W'."""
     order = list(range(len(sizes)))
     random.Random(stable_seed(seed, epoch)).shuffle(order)
     plan, shard, offset = [], 0, 0  # offset: samples of order[shard] already given out
@@ -1004,37 +1035,15 @@ def shuffle_buffer(items, size, rng):
     yield from buf
 
 
-def interleave(pieces, read, n_open, rng):
-    """Items of several sources at once: `n_open` of the pieces are open, and each next item comes from one of them
-    with probability proportional to the items it has left, so that the open pieces run out together (a pure
-    function of the plan and rng: the same on resume). pieces: [(source, start, stop)]; read(piece) iterates its
-    items (fewer than planned if a source is damaged)."""
-    pending, active = list(pieces), []  # active: [iterator, items left as planned]
-    while pending or active:
-        while pending and len(active) < n_open:
-            piece = pending.pop(0)
-            active.append([iter(read(piece)), piece[2] - piece[1]])
-        r, i = rng.random() * sum(left for _, left in active), 0
-        while i < len(active) - 1 and r >= active[i][1]:
-            r -= active[i][1]
-            i += 1
-        item = next(active[i][0], None)
-        if item is None or active[i][1] <= 1:
-            active.pop(i)
-        else:
-            active[i][1] -= 1
-        if item is not None:
-            yield item
-
-
-def stream_samples(pieces, read, seed, epoch, stream, n_open, buffer_size):
-    """The endless sequence of one stream: (pass, item) for the items of its pieces, interleaved and shuffled, pass
-    after pass. Pass 0 reads each sample once; a stream needs pass 1 only when its shards held fewer usable samples
+def stream_samples(pieces, read, seed, epoch, stream, buffer_size):
+    """The endless sequence of one stream: (pass, item) for the items of its pieces, read one after another through
+    a shuffle buffer, pass after pass. read(piece) iterates a piece's items (fewer than planned if a shard is
+    damaged). Pass 0 reads each sample once; a stream needs pass 1 only when its share held fewer usable samples
     than planned (corrupt members, stats that overcount), and then re-reads its own samples, never another's."""
     for p in itertools.count():
         rng = random.Random(stable_seed(seed, epoch, stream, p))
         n = 0
-        for item in shuffle_buffer(interleave(pieces, read, n_open, rng), buffer_size, rng):
+        for item in shuffle_buffer(itertools.chain.from_iterable(map(read, pieces)), buffer_size, rng):
             n += 1
             yield p, item
         if n == 0:
@@ -1056,42 +1065,30 @@ def check_streams(streams, batch_size, world_size):
         raise ValueError(f"--data-streams {streams} must divide the global batch {batch_size} (each stream gives "
                          f"batch / streams samples a step); e.g. {default_streams(batch_size)}")
     if streams % world_size:
-        ranks = _divisors(streams)
-        fewer, more = max(r for r in ranks if r < world_size), min((r for r in ranks if r > world_size), default=None)
-        other = [s for s in _divisors(batch_size) if s % world_size == 0]
-        nearest = min(other, key=lambda s: abs(s - streams))
-        raise ValueError(f"{world_size} ranks cannot share {streams} data streams evenly: run on {fewer}"
-                         f"{'' if more is None else f' or {more}'} ranks, or pass --data-streams {nearest} (a "
-                         f"different sample order: give the same value to every run you compare)")
+        fewer = max(r for r in _divisors(streams) if r < world_size)
+        more = [f" or {r}" for r in _divisors(streams) if r > world_size][:1]
+        nearest = min((s for s in _divisors(batch_size) if s % world_size == 0), key=lambda s: abs(s - streams))
+        raise ValueError(f"{world_size} ranks cannot share {streams} data streams evenly: run on {fewer}{''.join(more)}"
+                         f" ranks, or pass --data-streams {nearest} (a different sample order: give the same value "
+                         f"to every run you compare)")
 
 
-def stream_workers(streams_per_rank, workers):
-    """Workers that share a rank's streams evenly (each makes one item per stream per step, and the DataLoader
-    takes items from its workers in turn): the largest divisor of streams_per_rank that is <= workers."""
-    return max(d for d in _divisors(streams_per_rank) if d <= max(workers, 1)) if workers else 0
+class ImageTextStreams(IterableDataset):
+    """One rank's share of the canonical streams (stream_pieces) of a sample source, as items: one stream's
+    batch/streams usable samples for one step, dict(images uint8 [n, 3, S, S], params, tokens, bad, stream, step,
+    pos, decode_s), from step `first_step` to the end of the run (all epochs: the workers never restart). Worker w
+    of W takes the rank's streams w, w + W, ...; pos counts the entries a stream consumed this epoch. A sample's
+    augmentation is seeded by (seed, epoch, shard, index in shard, pass). Given the positions of a killed run,
+    `start(step, positions)` replays each stream to its position from the tar headers alone (nothing decoded)."""
 
-
-class TarImageText(IterableDataset):
-    """One rank's share of the canonical streams (stream_pieces) as items: one stream's samples for one step.
-
-    Worker w of W takes the rank's streams w, w + W, ...; from step `first_step` to the end of the run (all epochs,
-    so the workers never restart) it yields, step by step and stream by stream, the next batch/streams usable
-    samples of that stream: dict(images uint8 [n, 3, S, S], params, tokens, bad, stream, step, pos, decode_s), where
-    pos counts the entries of the stream consumed this epoch. A sample's augmentation is seeded by (seed, epoch,
-    shard, index in shard, pass). Given the positions of a killed run, `start(step, positions)` replays each stream
-    to its position from the tar headers alone (nothing decoded, skips not counted again)."""
-
-    def __init__(self, shards, sizes, tokenizer, image_size, batch_size, steps_per_epoch, epochs, streams, rank=0,
-                 world_size=1, seed=0, buffer_size=SHUFFLE_BUFFER, shards_per_stream=SHARDS_PER_STREAM,
-                 context_length=77, augment=True):
-        self.shards, self.sizes = shards, sizes
-        self.tokenizer, self.context_length, self.augment = tokenizer, context_length, augment
+    def __init__(self, source, tokenizer, image_size, batch_size, steps_per_epoch, epochs, streams, rank=0,
+                 world_size=1, seed=0, buffer_size=SHUFFLE_BUFFER, context_length=77, augment=True):
+        self.source, self.tokenizer, self.context_length, self.augment = source, tokenizer, context_length, augment
         self.decoder, self.image_size = crop_decoder(image_size, augment), image_size
         self.steps_per_epoch, self.epochs, self.seed = steps_per_epoch, epochs, seed
         self.streams, self.per_stream = streams, batch_size // streams  # samples a stream gives each step
-        per_rank = streams // world_size
-        self.rank_streams = range(rank * per_rank, (rank + 1) * per_rank)
-        self.buffer_size, self.shards_per_stream = buffer_size, shards_per_stream
+        self.rank_streams = range(rank * streams // world_size, (rank + 1) * streams // world_size)
+        self.buffer_size = buffer_size
         self.start()
 
     def start(self, step=0, positions=None):
@@ -1099,46 +1096,39 @@ class TarImageText(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.rank_streams[worker::n_workers]
-        self.read, self.bad = MemberReader(), Counter()  # bad: counted by tar_index (damage) and _take (skips)
-        step, total = self.first_step, self.steps_per_epoch * self.epochs
-        positions = self.positions if step % self.steps_per_epoch else {}
+        mine = self.rank_streams[info.id::info.num_workers] if info else self.rank_streams
+        self.bad = Counter()  # skips and damage, handed out with each item
+        step, total, spe = self.first_step, self.steps_per_epoch * self.epochs, self.steps_per_epoch
+        positions = self.positions if step % spe else {}
         try:
             while step < total:
-                epoch, end = step // self.steps_per_epoch, (step // self.steps_per_epoch + 1) * self.steps_per_epoch
+                epoch = step // spe
                 streams = {s: self._open(s, epoch, positions.get(s, 0)) for s in mine}
                 positions = {}  # later epochs start at their beginning
                 self.bad.clear()  # the replayed samples' skips were counted before the checkpoint
-                for t in range(step, end):
+                for t in range(step, (epoch + 1) * spe):
                     for s in mine:
                         yield self._take(streams[s], s, t, epoch, shared=info is not None)
-                step = end
+                step = (epoch + 1) * spe
         finally:
-            self.read.close()
+            self.source.close()
 
     def _open(self, stream, epoch, pos):
         """[the stream's iterator, its position], replayed to `pos` entries."""
-        per_stream = self.steps_per_epoch * self.per_stream
-        pieces = stream_pieces(self.sizes, self.streams, per_stream, self.seed, epoch)[stream]
-        it = stream_samples(pieces, self._index, self.seed, epoch, stream, self.shards_per_stream, self.buffer_size)
+        pieces = stream_pieces(self.source.sizes, self.streams, self.steps_per_epoch * self.per_stream, self.seed,
+                               epoch)[stream]
+        read = partial(self.source.samples, seed=self.seed, epoch=epoch, bad=self.bad)
+        it = stream_samples(pieces, read, self.seed, epoch, stream, self.buffer_size)
         for _ in range(pos):
             next(it)
         return [it, pos]
 
-    def _index(self, piece):
-        """(shard, index, sample) for the samples of one piece, from the tar headers."""
-        shard, start, stop = piece
-        return ((shard, i, s) for i, s in zip(itertools.count(start), tar_index(self.shards[shard], self.bad,
-                                                                                start, stop)))
-
     def _take(self, stream, s, step, epoch, shared):
-        """The next per_stream usable samples of one stream, as an item. In a worker the image tensor is made in
-        shared memory, so that handing it to the main process copies nothing."""
+        """The next per_stream usable samples of one stream, as an item."""
         t0, n = time.thread_time(), self.per_stream
         images = torch.empty((n, 3, self.image_size, self.image_size), dtype=torch.uint8)
         if shared:
-            images.share_memory_()
+            images.share_memory_()  # in a worker: handing the item to the main process copies nothing
         params, captions, misses = [], [], 0
         while len(captions) < n:
             p, (shard, index, sample) = next(stream[0])
@@ -1146,11 +1136,9 @@ class TarImageText(IterableDataset):
             decoded = self._decode(shard, sample, stable_seed(self.seed, epoch, shard, index, p))
             if decoded is None:
                 misses += 1
-                if misses > self.steps_per_epoch * self.per_stream:  # a whole pass of the stream: nothing usable
-                    raise ValueError(f"data stream {s} holds no usable sample: e.g. {self.shards[shard]} has "
-                                     f"members {sorted(k for k in sample if k != '__key__')} for "
-                                     f"{sample['__key__']}; a sample needs an image "
-                                     f"({'/'.join(SHARD_IMAGE_EXTENSIONS)}) and a txt caption ({dict(self.bad)})")
+                if misses >= 2 * self.steps_per_epoch * n:  # each pass holds the same samples: none is usable
+                    raise ValueError(f"data stream {s} holds no usable sample ({dict(self.bad)}): e.g. "
+                                     f"{self.source.describe(shard, sample)}")
                 continue
             images[len(captions)] = decoded[0]
             params.append(decoded[1])
@@ -1164,166 +1152,33 @@ class TarImageText(IterableDataset):
 
     def _decode(self, shard, sample, seed):
         """(image, params, caption), or None for a counted skip."""
-        where = next((sample[e] for e in SHARD_IMAGE_EXTENSIONS if e in sample), None)
-        if where is None or "txt" not in sample:
-            self.bad[NO_IMAGE if where is None else NO_CAPTION] += 1
+        loaded = self.source.load(shard, sample, self.bad)
+        if loaded is None:
             return None
-        path = self.shards[shard]
-        try:
-            caption = self.read(path, *sample["txt"]).decode("utf-8", errors="replace").strip()
-            encoded = self.read(path, *where)
-        except OSError:  # the file went away or the disk failed under it
-            self.bad[TRUNCATED] += 1
-            return None
-        if not caption:
+        if not loaded[1].strip():
             self.bad[NO_CAPTION] += 1
             return None
         try:
-            image, params = decode_sample(self.decoder, encoded, seed, self.augment)
-        except Exception:  # corrupt, truncated or unsupported image
+            return (*decode_sample(self.decoder, loaded[0], seed, self.augment), loaded[1].strip())
+        except Exception:  # corrupt, truncated or unsupported image: PIL raises OSError, SyntaxError, ValueError, ...
             self.bad[UNDECODABLE] += 1
             return None
-        return image, params, caption
-
-
-# ---- CSV / TSV
-
-
-class CsvImageText(Dataset):
-    """(image, caption) rows of a CSV/TSV file (open_clip's `filepath` / `title` columns by default). A relative image
-    path is read, as open_clip does, from the working directory the run started in; where no file is there, from the
-    CSV's own folder (so a CSV written beside its images works from anywhere). Rows with an empty caption are
-    dropped here (counted in `no_caption`); images that are missing (`no image`) or cannot be decoded
-    (`undecodable`) are replaced at load time (see GlobalBatchSampler). If none of the first rows' images exists,
-    the paths are wrong, and that is an error at once, naming both places looked in."""
-
-    def __init__(self, path, tokenizer, image_size, img_key="filepath", caption_key="title", sep=None,
-                 context_length=77, augment=True):
-        sep = sep or ("\t" if path.endswith(".tsv") else ",")
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            absent = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
-            if absent:
-                raise ValueError(f"{path}: no column {absent} among {reader.fieldnames}; "
-                                 f"set --csv-img-key / --csv-caption-key (and --csv-separator)")
-            rows = [(r[img_key], (r[caption_key] or "").strip()) for r in reader]
-        # absolute now: DataLoader workers resolve the same paths whatever their working directory
-        self.cwd, self.root = os.getcwd(), os.path.dirname(os.path.abspath(path))
-        self.paths = [p for p, c in rows if c]  # as written in the file; self.path(i) resolves them
-        self.captions = [c for _, c in rows if c]
-        self.no_caption = len(rows) - len(self.captions)
-        self.tokenizer, self.context_length, self.augment = tokenizer, context_length, augment
-        self.decoder = crop_decoder(image_size, augment)
-        first = range(min(16, len(self.paths)))
-        if len(first) and not any(os.path.isfile(self.path(i)) for i in first):
-            p = self.paths[0]
-            where = (f"{p} does not exist" if os.path.isabs(p) else
-                     f"{p!r} is neither at {os.path.join(self.cwd, p)} (the working directory, as open_clip reads "
-                     f"it) nor at {os.path.join(self.root, p)} (the CSV's folder)")
-            raise FileNotFoundError(f"{path}: none of the first {len(first)} images exists: {where}")
-
-    def __len__(self):
-        return len(self.paths)
-
-    def path(self, i):
-        p = self.paths[i]
-        if os.path.isabs(p):
-            return p
-        here = os.path.join(self.cwd, p)
-        return here if os.path.exists(here) else os.path.join(self.root, p)
-
-    def __getitem__(self, key):
-        """key = (row, substitute rows, augmentation seed) from GlobalBatchSampler -> (image, params, caption,
-        skips by kind among the rows tried before it)."""
-        row, substitutes, seed = key
-        bad = Counter()
-        for i in (row, *substitutes):
-            try:
-                with open(self.path(i), "rb") as f:
-                    raw = f.read()
-            except OSError:
-                bad[NO_IMAGE] += 1
-                continue
-            try:
-                return (*decode_sample(self.decoder, raw, seed, self.augment), self.captions[i], bad)
-            except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-                bad[UNDECODABLE] += 1
-        raise OSError(f"neither {self.path(row)} nor its {len(substitutes)} substitutes could be read "
-                      f"({bad[NO_IMAGE]} missing, {bad[UNDECODABLE]} undecodable)")
-
-    def collate(self, items):
-        images, params, captions, bad = zip(*items)
-        return _micro_batch(list(images), list(params), list(captions), self.tokenizer, self.context_length,
-                            sum(bad, Counter()))
-
-
-class GlobalBatchSampler:
-    """Which rows each rank reads at each step of the run, with the rank split explicit.
-
-    Epoch e orders all rows by a permutation drawn from (seed, e); global batch k of it is positions [k*B, (k+1)*B)
-    and rank r reads the contiguous slice [k*B + r*b, k*B + (r+1)*b), b = B / world_size, as `items_per_step`
-    micro-batches. Each sample's augmentation is seeded by (seed, e, position). So the global order and the images
-    themselves do not depend on the number of ranks or workers: 2 ranks see exactly the batches one process sees,
-    and a resumed run starts at step k of the same order. The positions past the last full batch are the epoch's
-    spare rows: a row whose image cannot be read is replaced by a spare one (or, without spares, by the row one
-    batch further on). Iterates from global step `first_step` (see start) to the end of the last epoch.
-    """
-
-    def __init__(self, n_rows, batch_size, steps_per_epoch, epochs=1, rank=0, world_size=1, seed=0, n_substitutes=4,
-                 items_per_step=1):
-        self.n, self.batch_size, self.steps_per_epoch, self.epochs = n_rows, batch_size, steps_per_epoch, epochs
-        self.rank, self.world_size, self.seed, self.n_substitutes = rank, world_size, seed, n_substitutes
-        self.items_per_step = items_per_step
-        self.start()
-
-    def start(self, step=0):
-        self.first_step = step
-
-    def __len__(self):
-        return (self.steps_per_epoch * self.epochs - self.first_step) * self.items_per_step
-
-    def __iter__(self):
-        b, epoch = self.batch_size // self.world_size, None
-        for step in range(self.first_step, self.steps_per_epoch * self.epochs):
-            if step // self.steps_per_epoch != epoch:
-                epoch = step // self.steps_per_epoch
-                order = np.random.default_rng(stable_seed(self.seed, epoch)).permutation(self.n)
-                spare = order[self.steps_per_epoch * self.batch_size:]
-            start = (step % self.steps_per_epoch) * self.batch_size + self.rank * b
-            for size in _split(b, self.items_per_step):
-                yield [self._row(j, order, spare, epoch) for j in range(start, start + size)]
-                start += size
-
-    def _row(self, j, order, spare, epoch):
-        if len(spare):
-            subs = [spare[(j + t) % len(spare)] for t in range(min(self.n_substitutes, len(spare)))]
-        else:
-            subs = [order[(j + t * self.batch_size) % self.n] for t in range(1, self.n_substitutes + 1)]
-        return int(order[j]), tuple(int(s) for s in subs), stable_seed(self.seed, epoch, j)
 
 
 # ---- one entry point for train_clip.py: rank batches, a step ahead
 
 
-def is_csv(spec):
-    return isinstance(spec, str) and spec.lower().endswith((".csv", ".tsv"))
-
-
 def join_items(items, pin_memory=False):
-    """One rank batch from the items of one step, in stream order (CSV items come in row order): images stay uint8,
-    copied once into (pinned) host memory so that the copy to the GPU can be non-blocking; `positions` are the tar
-    streams' positions after this batch."""
-    items = sorted(items, key=lambda it: it.get("stream", 0))  # stable: CSV items keep their order
+    """One rank batch from the items of one step, in stream order: images stay uint8, copied once into (pinned)
+    host memory so that the copy to the GPU can be non-blocking; `positions` are the streams' positions after it."""
+    items = sorted(items, key=lambda it: it["stream"])
     n, first = sum(len(it["tokens"]) for it in items), items[0]["images"]
     images = torch.empty((n, *first.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
     torch.cat([it["images"] for it in items], out=images)
     params = None if items[0]["params"] is None else torch.cat([it["params"] for it in items])
-    bad = Counter()
-    for it in items:
-        bad.update(it["bad"])
-    return dict(images=images, params=params, tokens=torch.cat([it["tokens"] for it in items]), bad=dict(bad),
-                positions={it["stream"]: it["pos"] for it in items if "stream" in it},
-                decode_s=sum(it.get("decode_s", 0.0) for it in items))
+    return dict(images=images, params=params, tokens=torch.cat([it["tokens"] for it in items]),
+                bad=dict(sum((Counter(it["bad"]) for it in items), Counter())),
+                positions={it["stream"]: it["pos"] for it in items}, decode_s=sum(it["decode_s"] for it in items))
 
 
 def batch_to_device(batch, device):
@@ -1340,32 +1195,26 @@ def worker_ignores_stop_signals(worker_id=None):
 
 
 class ImageTextData:
-    """The rank batches of a whole run over tar shards or a CSV for one rank (made by image_text_loader)."""
+    """The rank batches of a whole run for one rank (made by image_text_loader)."""
 
-    def __init__(self, dataset, sampler, steps_per_epoch, samples_per_epoch, epochs, workers, items_per_step,
-                 pin_memory, streams=None):
-        self.dataset, self.sampler, self.workers, self.pin_memory = dataset, sampler, workers, pin_memory
-        self.steps_per_epoch, self.samples_per_epoch, self.epochs = steps_per_epoch, samples_per_epoch, epochs
-        self.items_per_step, self.streams = items_per_step, streams
-        self.kind = "csv" if sampler is not None else "tar"
+    def __init__(self, dataset, samples_per_epoch, workers, pin_memory):
+        self.dataset, self.samples_per_epoch, self.pin_memory = dataset, samples_per_epoch, pin_memory
+        self.workers = workers
+        self.steps_per_epoch, self.streams = dataset.steps_per_epoch, dataset.streams
+        self.items_per_step = len(dataset.rank_streams)  # one item per stream per step
 
     def batches(self, start_step=0, positions=None):
         """The rank batches from global step `start_step` to the end of the last epoch, each a dict with images,
         params, tokens, bad (skips by kind), positions, step and decode_s (worker CPU seconds). positions: the
-        tar streams' `stream -> pos` of the batches before start_step (from their `positions`; ignored for CSV and
-        at an epoch start). One DataLoader serves the whole run; its queue holds a step's items plus one per
-        worker, and a thread joins the next batch while the caller's step runs."""
-        kw = dict(num_workers=self.workers, worker_init_fn=worker_ignores_stop_signals)
-        if self.workers:
-            kw["prefetch_factor"] = math.ceil(self.items_per_step / self.workers) + 1
-        if self.sampler is not None:
-            self.sampler.start(start_step)
-            loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.dataset.collate, **kw)
-        else:
-            self.dataset.start(start_step, positions)
-            loader = DataLoader(self.dataset, batch_size=None, **kw)
+        streams' `stream -> pos` of the batches before start_step (from their `positions`; ignored at an epoch
+        start). The DataLoader's queue holds a step's items plus one per worker, and a thread joins the next batch
+        while the caller's step runs."""
+        self.dataset.start(start_step, positions)
+        depth = dict(prefetch_factor=math.ceil(self.items_per_step / self.workers) + 1) if self.workers else {}
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                            worker_init_fn=worker_ignores_stop_signals, **depth)
         items = iter(loader)  # starts the workers here, in the caller's thread
-        steps = range(start_step, self.steps_per_epoch * self.epochs)
+        steps = range(start_step, self.steps_per_epoch * self.dataset.epochs)
         if not self.workers:  # decoding here: in this thread, since decode_sample seeds torch's global generator
             yield from (self._join_next(items, step) for step in steps)
             return
@@ -1378,39 +1227,30 @@ class ImageTextData:
 
     def _join_next(self, items, step):
         parts = [next(items) for _ in range(self.items_per_step)]
-        if any(it.get("step", step) != step for it in parts):  # the workers' turns out of step: a bug, not data
+        if any(it["step"] != step for it in parts):  # the workers' turns out of step: a bug, not data
             raise RuntimeError(f"step {step}: items of steps {sorted({it['step'] for it in parts})} arrived")
         return dict(join_items(parts, self.pin_memory), step=step)
 
 
 def image_text_loader(data, tokenizer, image_size, batch_size, epochs=1, rank=0, world_size=1, workers=4, seed=0,
                       samples_per_epoch=None, streams=None, buffer_size=SHUFFLE_BUFFER, csv_img_key="filepath",
-                      csv_caption_key="title", csv_sep=None, context_length=77, pin_memory=False, augment=True,
-                      micro_batch=MICRO_BATCH, shards_per_stream=SHARDS_PER_STREAM):
+                      csv_caption_key="title", csv_sep=None, context_length=77, pin_memory=False, augment=True):
     """Image-text batches for one rank over `epochs` epochs: ImageTextData, whose batches(start_step, positions)
     gives dicts with images (uint8 [b, 3, S, S]), params ([b, PHOTOMETRIC_PARAMS] for device_transform, or None
-    without augmentation), tokens [b, 77], bad (skips by kind) and, for tar shards, positions. `data`: a .csv/.tsv
-    file, or tar shards ('dir/{00000..01499}.tar', a list, or patterns joined by '::'). `batch_size` is the GLOBAL
-    batch; each rank gets batch_size / world_size samples per step. An epoch is samples_per_epoch // batch_size steps
-    (at most one global batch is left out); samples_per_epoch defaults to, and is at most, the CSV's rows with a
-    caption, or the shards' samples (img2dataset's *_stats.json "successes", or counted from the tar headers).
-    `streams` (tar): the canonical streams of the order (stream_pieces), default gcd(batch_size, 240)."""
-    if batch_size % world_size:
-        raise ValueError(f"the global batch {batch_size} is not divisible by the {world_size} ranks")
-    per_rank = batch_size // world_size
+    without augmentation), tokens [b, 77], bad (skips by kind) and positions. `data`: a .csv/.tsv file, or tar
+    shards (see expand_shards). `batch_size` is the GLOBAL batch; each rank gets batch_size / world_size samples per
+    step. An epoch is samples_per_epoch // batch_size steps (at most one global batch is left out); samples_per_epoch
+    defaults to, and is at most, the CSV's rows with a caption, or the shards' samples (img2dataset's
+    *_stats.json "successes", or counted from the tar headers). `streams`: the canonical streams of the order
+    (stream_pieces), default gcd(batch_size, 480). Workers that would not share the rank's streams evenly are
+    lowered to the largest count that does (each makes one item per stream per step, taken in turn)."""
     if is_csv(data):
-        ds = CsvImageText(data, tokenizer, image_size, csv_img_key, csv_caption_key, csv_sep, context_length, augment)
-        if ds.no_caption:
-            warnings.warn(f"{data}: skipped {ds.no_caption} rows without a caption")
-        available = len(ds)
+        source = CsvRows(data, csv_img_key, csv_caption_key, csv_sep)
+        if source.no_caption:
+            warnings.warn(f"{data}: skipped {source.no_caption} rows without a caption")
     else:
-        shards = expand_shards(data)
-        missing = [p for p in shards if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}")
-        check_plain_tar(shards[0])
-        sizes = shard_sizes(shards)
-        available = sum(sizes)
+        source = TarShards(expand_shards(data))
+    available = sum(source.sizes)
     if samples_per_epoch and samples_per_epoch > available:
         warnings.warn(f"{data} holds {available} samples, fewer than the {samples_per_epoch} asked for per epoch: "
                       f"an epoch reads each sample at most once, so it is {available} samples")
@@ -1418,18 +1258,13 @@ def image_text_loader(data, tokenizer, image_size, batch_size, epochs=1, rank=0,
     steps = samples_per_epoch // batch_size
     if steps < 1:
         raise ValueError(f"an epoch of {samples_per_epoch} samples holds no full batch of {batch_size}")
-    if is_csv(data):
-        items_per_step = math.ceil(per_rank / micro_batch)
-        sampler = GlobalBatchSampler(len(ds), batch_size, steps, epochs, rank, world_size, seed,
-                                     items_per_step=items_per_step)
-        return ImageTextData(ds, sampler, steps, samples_per_epoch, epochs, workers, items_per_step, pin_memory)
     streams = streams or default_streams(batch_size)
     check_streams(streams, batch_size, world_size)
-    items_per_step = streams // world_size  # one item per stream per step
-    balanced = stream_workers(items_per_step, workers)
+    per_rank = streams // world_size
+    balanced = max(d for d in _divisors(per_rank) if d <= workers) if workers > 0 else 0
     if balanced != workers:
-        warnings.warn(f"{workers} workers cannot share this rank's {items_per_step} data streams evenly: using "
-                      f"{balanced} (worker counts that can: {[d for d in _divisors(items_per_step) if d <= 64]})")
-    ds = TarImageText(shards, sizes, tokenizer, image_size, batch_size, steps, epochs, streams, rank, world_size,
-                      seed, buffer_size, shards_per_stream, context_length, augment)
-    return ImageTextData(ds, None, steps, samples_per_epoch, epochs, balanced, items_per_step, pin_memory, streams)
+        warnings.warn(f"{workers} workers cannot share this rank's {per_rank} data streams evenly: using "
+                      f"{balanced} (worker counts that can: {[d for d in _divisors(per_rank) if d <= 64]})")
+    dataset = ImageTextStreams(source, tokenizer, image_size, batch_size, steps, epochs, streams, rank, world_size,
+                               seed, buffer_size, context_length, augment)
+    return ImageTextData(dataset, samples_per_epoch, balanced, pin_memory)

@@ -68,14 +68,11 @@ def get_parser():
     p.add_argument("--merges", default=None,
                    help="BPE merges file (bpe_simple_vocab_16e6.txt.gz, or one from data.learn_bpe)")
     p.add_argument("--data-streams", type=int, default=None,
-                   help="tar: canonical streams of the sample order (default gcd(--batch-size, 240)). The order "
-                        "depends on seed, epoch, data and this alone, not on ranks or workers; the ranks must divide "
-                        "it. Give runs you compare the same value")
+                   help="canonical streams of the sample order (default gcd(--batch-size, 480)). The order depends "
+                        "on seed, epoch, data and this alone, not on ranks or workers; the ranks must divide it. Give "
+                        "runs you compare the same value")
     p.add_argument("--shuffle-buffer", type=int, default=data.SHUFFLE_BUFFER,
-                   help="tar: sample references per stream shuffle buffer")
-    p.add_argument("--shards-per-stream", type=int, default=data.SHARDS_PER_STREAM,
-                   help="tar: shards each stream reads at once, interleaved, so that a batch mixes many shards")
-    p.add_argument("--micro-batch", type=int, default=data.MICRO_BATCH, help="CSV: rows per worker item")
+                   help="sample references per stream shuffle buffer")
     # model
     p.add_argument("--init", default=None,
                    help="stage-1 checkpoint: loads exactly its visual.* tensors; the text tower stays random")
@@ -289,7 +286,7 @@ def build_model(args, vocab_size, device):
 class Progress:
     """What a run carries from step to step, and through state.pt across a restart."""
     step: int = 0
-    positions: dict = field(default_factory=dict)  # tar: this rank's streams -> entries consumed this epoch
+    positions: dict = field(default_factory=dict)  # this rank's streams -> entries consumed this epoch
     skipped: Counter = field(default_factory=Counter)  # this rank's counters of COUNTS
     last_good: str = None  # the newest state.pt, named when a non-finite loss stops the run
 
@@ -303,11 +300,11 @@ def start_or_resume(args, model, optimizer, state_path, loader, dist_env):
     progress = Progress(state["step"], skipped=skipped,
                         last_good=state_path)
     saved = state.get("data", {})
-    if loader.kind == "tar" and saved.get("streams") == loader.streams:
+    if saved.get("streams") == loader.streams:
         # every stream's position, whatever ranks x workers wrote them: this rank continues its own streams
         mine = loader.dataset.rank_streams
         progress.positions = {s: pos for s, pos in saved["positions"].items() if s in mine}
-    elif loader.kind == "tar" and progress.step % loader.steps_per_epoch:
+    elif progress.step % loader.steps_per_epoch:
         print(f"state.pt holds no positions of {loader.streams} data streams (written with "
               f"{saved.get('streams')} or by an older version): the rest of this epoch is read from the start of "
               f"the shards")
@@ -433,8 +430,8 @@ def main(argv=None):
         import evaluate
         zeroshot = evaluate.parse_names(args.zeroshot, evaluate.BENCHMARKS, "--zeroshot set")
 
-    if not data.is_csv(args.data):  # resolved before the --resume check compares it with the run's
-        args.data_streams = args.data_streams or data.default_streams(args.batch_size)
+    # resolved before the --resume check compares it with the run's
+    args.data_streams = args.data_streams or data.default_streams(args.batch_size)
     state_path = os.path.join(args.out, "state.pt")
     args.resume = resuming(args.resume, state_path, args, SCRIPT)
     tokenizer = data.Tokenizer(args.merges)
@@ -448,8 +445,7 @@ def main(argv=None):
         world_size=dist_env.world_size, workers=args.workers, seed=args.seed, samples_per_epoch=args.train_num_samples,
         streams=args.data_streams, buffer_size=args.shuffle_buffer, csv_img_key=args.csv_img_key,
         csv_caption_key=args.csv_caption_key, csv_sep=args.csv_separator, context_length=raw.config.context_length,
-        pin_memory=dist_env.device.type == "cuda", augment=not args.no_augment, micro_batch=args.micro_batch,
-        shards_per_stream=args.shards_per_stream)
+        pin_memory=dist_env.device.type == "cuda", augment=not args.no_augment)
     args.workers = loader.workers  # as used: lowered where it would not share the streams evenly
     steps_per_epoch = loader.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
@@ -507,6 +503,7 @@ def main(argv=None):
     finally:
         batches.close()
         bar.close()
+        del model  # DDP's reducer goes before the process group (freed after it, it can abort the interpreter's exit)
         cleanup_distributed()
         restore_signals()  # last: a rank still leaving when torchrun signals it, after another rank ended, exits 75
     return raw

@@ -267,7 +267,7 @@ def test_skip_counts_survive_resume_on_2_ranks(tmp_path):
     pattern, _ = fx.broken_shards(tmp_path / "shards")
     merges, _ = fx.learned_tokenizer(tmp_path)
     args = ["--model", "tiny", "--data", pattern, "--merges", merges, "--batch-size", "4", "--epochs", "2",
-            "--workers", "1", "--save-every-steps", "2", "--shuffle-buffer", "2", "--micro-batch", "1"]
+            "--workers", "1", "--save-every-steps", "2", "--shuffle-buffer", "2"]
     full = torchrun(args + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-3000:]
     out = str(tmp_path / "crash")

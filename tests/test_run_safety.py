@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -400,11 +401,11 @@ def test_shell_patterns_and_folders_name_their_shards(tmp_path):
     assert data.expand_shards(str(tmp_path / "s" / "*.tar")) == names
     assert data.expand_shards(str(tmp_path / "s") + "/") == names == data.expand_shards(str(tmp_path / "s"))
     assert data.expand_shards(str(tmp_path / "{s,s}" / "0000[12].tar")) == names[1:] * 2
-    with pytest.raises(FileNotFoundError, match=r"no file matches .*\*\.tgz'; shards can also be named as "
-                                                r"'dir/\{00000\.\.00099\}\.tar'"):
+    with pytest.raises(FileNotFoundError, match=r"no \.tar file is named by .*\*\.tgz'; shards can be named as "
+                                                r"'dir/\{00000\.\.00099\}\.tar', 'dir/\*\.tar' or 'dir/'"):
         data.expand_shards(str(tmp_path / "s" / "*.tgz"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="is a folder without .tar files in it"):
+    with pytest.raises(FileNotFoundError, match=r"no \.tar file is named by .*empty'"):
         data.expand_shards(str(tmp_path / "empty"))
     odd = tmp_path / "odd[1].tar"  # an existing file whose name looks like a pattern is itself
     odd.write_bytes(b"")
@@ -478,7 +479,7 @@ def test_usual_mistakes_end_in_one_line_without_a_traceback(csv_run, tmp_path):
                                 r"--lr 0\.002 \(this command: 1\.0\)"),
              "no --resume": (csv_run + ["--out", out], r"state\.pt exists: pass --resume"),
              "missing shards": (csv_run + ["--out", out + "2", "--data", str(tmp_path / "none" / "*.tar")],
-                                r"no file matches")}
+                                r"no \.tar file is named by .*none/\*\.tar")}
     for name, (args, pattern) in cases.items():
         proc = subprocess.run([sys.executable, "train_clip.py"] + args, cwd=ROOT, env=ENV, capture_output=True,
                               text=True, timeout=300)
@@ -510,7 +511,7 @@ def test_csv_paths_resolve_as_open_clip_then_from_the_csv_folder(tmp_path, monke
     write_image(str(tmp_path / "lists" / "images" / "b.jpg"), 3)  # only beside the CSV
     write_rows(str(tmp_path / "lists" / "pairs.csv"), [("images/a.jpg", "a red cat"), ("images/b.jpg", "a dog"),
                                                         (str(tmp_path / "images" / "a.jpg"), "an absolute path")])
-    ds = data.CsvImageText("lists/pairs.csv", tok, 32)
+    ds = data.CsvRows("lists/pairs.csv")
     assert ds.path(0) == str(tmp_path / "images" / "a.jpg")  # the working directory wins, as in open_clip
     assert ds.path(1) == str(tmp_path / "lists" / "images" / "b.jpg")  # the documented fallback
     assert ds.path(2) == str(tmp_path / "images" / "a.jpg")
@@ -519,17 +520,23 @@ def test_csv_paths_resolve_as_open_clip_then_from_the_csv_folder(tmp_path, monke
 
 
 def test_csv_missing_file_is_no_image_and_corrupt_is_undecodable(tmp_path):
+    """Rows whose image is missing or corrupt are counted skips, replaced by their stream's next row; a CSV with no
+    usable row is an error after one pass, naming a row, not a hang."""
     _, tok = fx.learned_tokenizer(tmp_path)
     root = tmp_path / "d"
     write_image(str(root / "ok.jpg"))
     (root / "corrupt.jpg").write_bytes(fx.image_bytes(5)[:60])
     write_rows(str(root / "pairs.csv"), [("ok.jpg", "a cat"), ("gone.jpg", "a dog"), ("corrupt.jpg", "a cow")])
-    ds = data.CsvImageText(str(root / "pairs.csv"), tok, 32)
-    items = [ds[(1, [2, 0], 7)], ds[(0, [], 8)]]  # row 1: missing, then its substitutes corrupt and ok
-    batch = ds.collate(items)
-    assert batch["bad"] == {data.NO_IMAGE: 1, data.UNDECODABLE: 1}
-    with pytest.raises(OSError, match=r"gone\.jpg nor its 1 substitutes could be read \(1 missing, 1 undecodable\)"):
-        ds[(1, [2], 9)]
+    loader = data.image_text_loader(str(root / "pairs.csv"), tok, 32, 1, workers=0)
+    batches = list(loader.batches())
+    texts = [tok.decode([t for t in b["tokens"][0].tolist() if t not in (0, tok.sot_token, tok.eot_token)])
+             for b in batches]
+    assert [t.strip() for t in texts] == ["a cat"] * 3
+    bad = sum((Counter(b["bad"]) for b in batches), Counter())
+    assert bad[data.NO_IMAGE] >= 1 and bad[data.UNDECODABLE] >= 1 and bad[data.REREAD] == 2  # ok.jpg three times
+    write_rows(str(root / "none.csv"), [("corrupt.jpg", "a cow"), ("gone.jpg", "a dog")])
+    with pytest.raises(ValueError, match=r"no usable sample \(.*'no image': \d+.*\): e\.g\. .*(gone|corrupt)\.jpg"):
+        next(data.image_text_loader(str(root / "none.csv"), tok, 32, 1, workers=0).batches())
 
 
 def test_csv_whose_paths_are_all_wrong_is_one_error_naming_both_places(tmp_path):
@@ -538,4 +545,4 @@ def test_csv_whose_paths_are_all_wrong_is_one_error_naming_both_places(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"none of the first 16 images exists: 'img/0\.jpg' is neither at "
                                                 r".*img/0\.jpg \(the working directory, as open_clip reads it\) nor "
                                                 r"at .*c/img/0\.jpg \(the CSV's folder\)"):
-        data.CsvImageText(str(tmp_path / "c" / "pairs.csv"), tok, 32)
+        data.CsvRows(str(tmp_path / "c" / "pairs.csv"))
