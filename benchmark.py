@@ -215,6 +215,7 @@ def _plain_pipeline(shards, tokenizer, transform, batch_size):
             if len(images) == batch_size:
                 yield dict(images=torch.stack(images), tokens=tokenizer(captions))
                 images, captions = [], []
+    read.close()
 
 
 def bench_data(args):
@@ -371,7 +372,7 @@ def bench_mixing(args):
         return ((piece[0], i) for i in range(piece[1], piece[2]))
 
     mine = range(streams // args.ranks)  # rank 0's streams
-    samples = [data.stream_samples(plan[s], read, 0, 0, s, args.buffer) for s in mine]
+    samples = [data.stream_samples(plan, s, read, seed=0, epoch=0, buffer_size=args.buffer) for s in mine]
     rows = []
     for k in range(args.batches):
         shards = {next(samples[s])[1][0] for s in mine for _ in range(per_step)}

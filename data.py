@@ -32,6 +32,7 @@ import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -775,19 +776,22 @@ class NightsTriplets(Dataset):
 # What is held, at the paper's scale (global batch 30,720 = 5,120 per GPU on 6 ranks, 480 streams = 80 per rank of
 # 64 samples a step, 4 workers per rank, 15M samples in 1,500 shards of 10,000, 224 px, JPEGs of ~20-90 KB):
 #   stream shuffle buffer   1,000 sample references per stream  (offsets into the tar, not bytes): ~60 MB per rank
-#   open shards             one per stream (two at a boundary)  file handles; bytes are read when a sample is decoded
+#   open shards             one per stream (two at a boundary)  2 file handles each (headers, bytes when decoded)
 #   DataLoader queue        one step + one item per worker      84 items x 64 x 150 KB = 810 MB of /dev/shm per rank
 #   joined rank batch       5,120 x 3 x 224 x 224 uint8         771 MB pinned; one queued, one being joined
 #   device                  uint8 rank batch + float chunk      771 MB + 3.1 GB per 5,120 (see train_clip.train_step)
-#   (a CSV of 15M rows: its paths and captions in every worker, and a 120 MB row order per worker and epoch)
+#   (a CSV of 15M rows: its paths and captions as Python strings in every worker, several GB each once
+#   copy-on-write has copied them (PyTorch issue 13246), and a 120 MB row order per worker and epoch)
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# Why a sample was skipped, as counted in each batch's "bad" and summed over ranks in train_clip's log.jsonl
+# Why a sample was skipped, as counted (each time it is read) in each batch's "bad" and summed over ranks in log.jsonl
 NO_IMAGE, NO_CAPTION, UNDECODABLE, TRUNCATED = "no image", "no caption", "undecodable", "truncated"
 SKIPS = (NO_IMAGE, NO_CAPTION, UNDECODABLE, TRUNCATED)
 # Not a skip: a sample a stream read a second time in one epoch because its share held fewer usable samples than
 # planned (so that every rank still takes the same number of steps; see stream_samples)
 REREAD = "reread"
-DATA_STREAMS = 480  # default streams: gcd(global batch, 480); 480 shares out over 1-6, 8, 10, 12, 15, 16, 20, 24 ranks
+# the default streams: gcd(global batch, 480); 480 shares out over 1-6, 8, 10, 12, 15, 16, 20, 24, 30, 32, 40, 48 ranks
+DATA_STREAMS = 480
+ORDER_VERSION = 2  # of stream_pieces' order, kept in state.pt: positions of another order do not resume mid-epoch
 SHUFFLE_BUFFER = 1000  # sample references per stream shuffle buffer
 
 
@@ -844,8 +848,9 @@ def tar_index(path, bad, start=0, stop=None):
                 tar.members = []  # tarfile keeps every header it has read: ~15 MB for a 10,000-sample shard
                 if not member.isfile():
                     continue
-                base = os.path.basename(member.name)
-                key, ext = member.name[:len(member.name) - len(base)] + base.partition(".")[0], base.partition(".")[2]
+                folder, name = os.path.split(member.name)
+                key, _, ext = name.partition(".")
+                key = os.path.join(folder, key)
                 if index < 0 or sample["__key__"] != key:
                     if index >= start and len(sample) > 1:
                         yield index, sample
@@ -905,11 +910,15 @@ class TarShards:
         missing = [p for p in shards if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}")
-        with open(shards[0], "rb") as f:  # compressed shards cannot be read by offset: say so now, not as skips
-            if f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
-                raise ValueError(f"{shards[0]} is a compressed tar: shards must be plain .tar files (as img2dataset "
-                                 f"and webdataset's TarWriter write them); unpack it, e.g. gunzip")
-        self.shards, self.sizes, self.read = shards, shard_sizes(shards), MemberReader()
+        for path in shards:  # compressed shards cannot be read by offset: say so now, not as skips
+            with open(path, "rb") as f:
+                if f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
+                    raise ValueError(f"{path} is a compressed tar: shards must be plain .tar files (as img2dataset "
+                                     f"and webdataset's TarWriter write them); unpack it, e.g. gunzip")
+        self.shards, self.sizes = shards, shard_sizes(shards)
+
+    def open_readers(self, n_streams):
+        self.read = MemberReader(keep=2 * n_streams + 2)  # each stream's shard, and the next one at a boundary
 
     def samples(self, piece, seed, epoch, bad):
         shard, start, stop = piece
@@ -971,8 +980,11 @@ class CsvRows:
         return here if os.path.exists(here) else os.path.join(self.root, p)
 
     def samples(self, piece, seed, epoch, bad):
-        if self.order[0] != (seed, epoch):  # a permutation of all rows, drawn once per worker and epoch
-            self.order = (seed, epoch), np.random.default_rng(stable_seed(seed, epoch)).permutation(self.sizes[0])
+        # a permutation of all rows, drawn once per worker and epoch by NumPy's frozen legacy generator (its stream
+        # is the same in every NumPy version); a row is its own index and its own sample: (shard 0, row, row)
+        if self.order[0] != (seed, epoch):
+            self.order = (seed, epoch), np.random.RandomState(stable_seed(seed, epoch) % 2 ** 32).permutation(
+                self.sizes[0])
         return ((0, int(row), int(row)) for row in self.order[1][piece[1]:piece[2]])
 
     def load(self, shard, row, bad):
@@ -986,6 +998,9 @@ class CsvRows:
     def describe(self, shard, row):
         return f"{self.path(row)} ({self.captions[row]!r})"
 
+    def open_readers(self, n_streams):
+        pass
+
     def close(self):
         pass
 
@@ -993,12 +1008,12 @@ class CsvRows:
 # ---- the sample order: canonical streams
 
 
-def stream_pieces(sizes, streams, per_stream, seed, epoch):
+def stream_pieces(sizes, streams, stream_length, seed, epoch):
     """THE ORDER. Which samples each of the `streams` canonical streams reads in an epoch: [[(shard, start, stop)]].
 
     The shards are put in an order drawn from (seed, epoch) and read as one sequence of sum(sizes) samples (a shard
     in file order; a CSV is one shard, its rows in an order drawn from (seed, epoch)); stream s takes the s-th
-    contiguous range of `per_stream` samples of it (steps x batch / streams; the tail, less than one global batch,
+    contiguous range of `stream_length` samples of it (steps x batch / streams; the tail, less than a global batch,
     is not read this epoch). A shard split between two streams is read by both, each only its own samples. Each
     stream then goes through its samples in an order drawn from (seed, epoch, stream) (stream_samples), and global
     batch t of the epoch is, for s = 0, 1, ..., streams - 1, the t-th batch/streams usable samples of stream s.
@@ -1009,7 +1024,7 @@ def stream_pieces(sizes, streams, per_stream, seed, epoch):
     random.Random(stable_seed(seed, epoch)).shuffle(order)
     plan, shard, offset = [], 0, 0  # offset: samples of order[shard] already given out
     for _ in range(streams):
-        need, pieces = per_stream, []
+        need, pieces = stream_length, []
         while need:
             take = min(need, sizes[order[shard]] - offset)
             if take:
@@ -1035,19 +1050,25 @@ def shuffle_buffer(items, size, rng):
     yield from buf
 
 
-def stream_samples(pieces, read, seed, epoch, stream, buffer_size):
-    """The endless sequence of one stream: (pass, item) for the items of its pieces, read one after another through
-    a shuffle buffer, pass after pass. read(piece) iterates a piece's items (fewer than planned if a shard is
-    damaged). Pass 0 reads each sample once; a stream needs pass 1 only when its share held fewer usable samples
-    than planned (corrupt members, stats that overcount), and then re-reads its own samples, never another's."""
+def stream_samples(plan, stream, read, seed, epoch, buffer_size):
+    """The endless sequence of one stream of an epoch's plan (stream_pieces): (pass, item) for the items of its
+    pieces, read one after another through a shuffle buffer, pass after pass. read(piece) iterates a piece's items
+    (fewer than planned if a shard is damaged). Pass 0 reads each sample once; a stream needs pass 1 only when its
+    share held fewer usable samples than planned (corrupt members, stats that overcount), and then re-reads its own
+    samples. Only a stream none of whose samples can be read at all (its whole range lies past the end of a shard
+    cut short) reads another's: the next stream's, in stream order."""
+    source = stream
     for p in itertools.count():
         rng = random.Random(stable_seed(seed, epoch, stream, p))
         n = 0
-        for item in shuffle_buffer(itertools.chain.from_iterable(map(read, pieces)), buffer_size, rng):
+        for item in shuffle_buffer(itertools.chain.from_iterable(map(read, plan[source])), buffer_size, rng):
             n += 1
             yield p, item
         if n == 0:
-            raise RuntimeError(f"no samples could be read from the shards of data stream {stream}: {pieces[:3]}...")
+            source = (source + 1) % len(plan)
+            if source == stream:
+                raise RuntimeError(f"no samples could be read from the shards of any of the {len(plan)} data "
+                                   f"streams (the first's pieces: {plan[0][:3]}...)")
 
 
 def default_streams(batch_size):
@@ -1098,6 +1119,7 @@ class ImageTextStreams(IterableDataset):
         info = get_worker_info()
         mine = self.rank_streams[info.id::info.num_workers] if info else self.rank_streams
         self.bad = Counter()  # skips and damage, handed out with each item
+        self.source.open_readers(len(mine))
         step, total, spe = self.first_step, self.steps_per_epoch * self.epochs, self.steps_per_epoch
         positions = self.positions if step % spe else {}
         try:
@@ -1108,22 +1130,22 @@ class ImageTextStreams(IterableDataset):
                 self.bad.clear()  # the replayed samples' skips were counted before the checkpoint
                 for t in range(step, (epoch + 1) * spe):
                     for s in mine:
-                        yield self._take(streams[s], s, t, epoch, shared=info is not None)
+                        yield self._take(streams[s], t, epoch, shared=info is not None)
                 step = (epoch + 1) * spe
         finally:
             self.source.close()
 
     def _open(self, stream, epoch, pos):
-        """[the stream's iterator, its position], replayed to `pos` entries."""
-        pieces = stream_pieces(self.source.sizes, self.streams, self.steps_per_epoch * self.per_stream, self.seed,
-                               epoch)[stream]
+        """A cursor on one stream of the epoch: its id, its entries (stream_samples), and its position, replayed to
+        `pos` entries."""
+        plan = stream_pieces(self.source.sizes, self.streams, self.steps_per_epoch * self.per_stream, self.seed, epoch)
         read = partial(self.source.samples, seed=self.seed, epoch=epoch, bad=self.bad)
-        it = stream_samples(pieces, read, self.seed, epoch, stream, self.buffer_size)
+        entries = stream_samples(plan, stream, read, self.seed, epoch, self.buffer_size)
         for _ in range(pos):
-            next(it)
-        return [it, pos]
+            next(entries)
+        return SimpleNamespace(stream=stream, entries=entries, pos=pos)
 
-    def _take(self, stream, s, step, epoch, shared):
+    def _take(self, cursor, step, epoch, shared):
         """The next per_stream usable samples of one stream, as an item."""
         t0, n = time.thread_time(), self.per_stream
         images = torch.empty((n, 3, self.image_size, self.image_size), dtype=torch.uint8)
@@ -1131,22 +1153,22 @@ class ImageTextStreams(IterableDataset):
             images.share_memory_()  # in a worker: handing the item to the main process copies nothing
         params, captions, misses = [], [], 0
         while len(captions) < n:
-            p, (shard, index, sample) = next(stream[0])
-            stream[1] += 1
-            decoded = self._decode(shard, sample, stable_seed(self.seed, epoch, shard, index, p))
+            pass_, (shard, index, sample) = next(cursor.entries)
+            cursor.pos += 1
+            decoded = self._decode(shard, sample, stable_seed(self.seed, epoch, shard, index, pass_))
             if decoded is None:
-                misses += 1
-                if misses >= 2 * self.steps_per_epoch * n:  # each pass holds the same samples: none is usable
-                    raise ValueError(f"data stream {s} holds no usable sample ({dict(self.bad)}): e.g. "
+                misses += 1  # in a row: two passes' worth, and none usable (each pass holds the same samples)
+                if misses >= 2 * self.steps_per_epoch * n:
+                    raise ValueError(f"data stream {cursor.stream} holds no usable sample ({dict(self.bad)}): e.g. "
                                      f"{self.source.describe(shard, sample)}")
                 continue
-            images[len(captions)] = decoded[0]
+            images[len(captions)], misses = decoded[0], 0
             params.append(decoded[1])
             captions.append(decoded[2])
-            self.bad[REREAD] += p > 0
+            self.bad[REREAD] += pass_ > 0
         item = dict(images=images, params=torch.stack(params) if self.augment else None,
                     tokens=self.tokenizer(captions, context_length=self.context_length), bad=dict(+self.bad),
-                    stream=s, step=step, pos=stream[1], decode_s=time.thread_time() - t0)
+                    stream=cursor.stream, step=step, pos=cursor.pos, decode_s=time.thread_time() - t0)
         self.bad.clear()
         return item
 
@@ -1155,11 +1177,12 @@ class ImageTextStreams(IterableDataset):
         loaded = self.source.load(shard, sample, self.bad)
         if loaded is None:
             return None
-        if not loaded[1].strip():
+        encoded, caption = loaded[0], loaded[1].strip()
+        if not caption:
             self.bad[NO_CAPTION] += 1
             return None
         try:
-            return (*decode_sample(self.decoder, loaded[0], seed, self.augment), loaded[1].strip())
+            return (*decode_sample(self.decoder, encoded, seed, self.augment), caption)
         except Exception:  # corrupt, truncated or unsupported image: PIL raises OSError, SyntaxError, ValueError, ...
             self.bad[UNDECODABLE] += 1
             return None
@@ -1227,8 +1250,10 @@ class ImageTextData:
 
     def _join_next(self, items, step):
         parts = [next(items) for _ in range(self.items_per_step)]
-        if any(it["step"] != step for it in parts):  # the workers' turns out of step: a bug, not data
-            raise RuntimeError(f"step {step}: items of steps {sorted({it['step'] for it in parts})} arrived")
+        streams = sorted(it["stream"] for it in parts)
+        if any(it["step"] != step for it in parts) or streams != list(self.dataset.rank_streams):  # a bug, not data
+            raise RuntimeError(f"step {step}: items of steps {sorted({it['step'] for it in parts})} and streams "
+                               f"{streams} arrived, for streams {list(self.dataset.rank_streams)}")
         return dict(join_items(parts, self.pin_memory), step=step)
 
 

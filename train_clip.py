@@ -300,14 +300,13 @@ def start_or_resume(args, model, optimizer, state_path, loader, dist_env):
     progress = Progress(state["step"], skipped=skipped,
                         last_good=state_path)
     saved = state.get("data", {})
-    if saved.get("streams") == loader.streams:
+    if saved.get("order") == data.ORDER_VERSION and saved.get("streams") == loader.streams:
         # every stream's position, whatever ranks x workers wrote them: this rank continues its own streams
         mine = loader.dataset.rank_streams
         progress.positions = {s: pos for s, pos in saved["positions"].items() if s in mine}
     elif progress.step % loader.steps_per_epoch:
-        print(f"state.pt holds no positions of {loader.streams} data streams (written with "
-              f"{saved.get('streams')} or by an older version): the rest of this epoch is read from the start of "
-              f"the shards")
+        print(f"state.pt holds no positions of {loader.streams} data streams in this order (written with "
+              f"{saved.get('streams')} or by an older version): the rest of this epoch is read from its start")
     return progress
 
 
@@ -323,7 +322,8 @@ def save_state(state_path, model, optimizer, progress, args, dist_env):
         positions.update(p)
     state = training_state(model, optimizer, progress.step, script=SCRIPT, skipped=[s for _, s in per_rank],
                            args=vars(args), config=dataclasses.asdict(model.config),
-                           data=dict(streams=args.data_streams, positions=positions))
+                           data=dict(order=data.ORDER_VERSION, streams=args.data_streams,
+                                     positions=positions))
     if dist_env.is_main:
         save_checkpoint(state, state_path)
     progress.last_good = state_path

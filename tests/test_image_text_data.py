@@ -396,8 +396,8 @@ def test_streams_that_do_not_share_out_are_a_clear_error(tmp_path):
 
 
 def test_shards_without_usable_samples_are_a_clear_error_not_a_hang(tmp_path):
-    """Captions stored as .caption (not .txt): every sample is a counted skip, and the stream says so after one pass
-    instead of re-reading itself for ever."""
+    """Captions stored as .caption (not .txt): every sample is a counted skip, and the stream says so after two
+    passes instead of re-reading itself for ever."""
     (tmp_path / "shards").mkdir()
     members = [m for i in range(8) for m in ((f"{i:09d}.jpg", fx.image_bytes(i)),
                                              (f"{i:09d}.caption", fx.caption(i).encode()))]
@@ -406,3 +406,39 @@ def test_shards_without_usable_samples_are_a_clear_error_not_a_hang(tmp_path):
     loader = data.image_text_loader(str(tmp_path / "shards" / "00000.tar"), tok, 32, 4, workers=0, streams=1)
     with pytest.raises(ValueError, match=r"no usable sample.*\['caption', 'jpg'\].*txt caption"):
         next(iter(loader.batches()))
+
+
+def test_a_stream_with_one_usable_sample_in_many_fills_its_batches(tmp_path):
+    """11 of a stream's 12 samples are corrupt: every step re-reads the one good sample (counted), however many
+    corrupt ones lie between two reads of it; no 'no usable sample' error."""
+    (tmp_path / "shards").mkdir()
+    members = [m for i in range(12) for m in ((f"{i:09d}.jpg", fx.image_bytes(i) if i == 5 else b"not a jpeg"),
+                                              (f"{i:09d}.txt", fx.caption(i).encode()))]
+    fx.write_shard(str(tmp_path / "shards" / "00000.tar"), members)
+    _, tok = fx.learned_tokenizer(tmp_path)
+    loader = data.image_text_loader(str(tmp_path / "shards" / "00000.tar"), tok, 32, 4, workers=0, streams=1)
+    batches = list(loader.batches())
+    assert len(batches) == 3 and all(fx.ids_of(b, tok) == [5] * 4 for b in batches)
+    bad = sum((Counter(b["bad"]) for b in batches), Counter())
+    assert bad[data.REREAD] == 11 and bad[data.UNDECODABLE] >= 11
+
+
+def test_a_stream_whose_whole_range_is_unreadable_reads_the_next_streams(tmp_path):
+    """Stats that count 8 samples in shards holding 4: the streams whose range is a shard's missing half read the
+    next stream's samples (counted as re-reads), on every setup alike; a plan with nothing readable is an error."""
+    plan = [[(0, 0, 2)], [(1, 0, 2)]]
+    read = lambda piece: [] if piece[0] == 0 else [("shard 1", i) for i in range(*piece[1:])]  # noqa: E731
+    entries = data.stream_samples(plan, 0, read, seed=0, epoch=0, buffer_size=1)
+    assert sorted(next(entries) for _ in range(2)) == [(1, ("shard 1", 0)), (1, ("shard 1", 1))]
+    with pytest.raises(RuntimeError, match="any of the 2 data streams"):
+        next(data.stream_samples(plan, 0, lambda piece: [], seed=0, epoch=0, buffer_size=1))
+    pattern = fx.plain_shards(tmp_path / "shards", n_shards=2, per_shard=4)
+    for n in range(2):
+        (tmp_path / "shards" / f"{n:05d}_stats.json").write_text('{"successes": 8}')
+    _, tok = fx.learned_tokenizer(tmp_path)
+    one = tar_loaders(pattern, tok, world=1, workers=0, buffer_size=2, samples=None, batch=4, streams=4, epochs=2)
+    two = tar_loaders(pattern, tok, world=2, workers=1, buffer_size=2, samples=None, batch=4, streams=4, epochs=2)
+    for epoch in range(2):
+        order, bad, steps = run_epoch(one, epoch)
+        assert steps == [4] and set(order) <= set(range(8)) and bad[data.REREAD] >= 8
+        assert run_epoch(two, epoch)[0] == order
