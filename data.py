@@ -1125,7 +1125,8 @@ class ImageTextStreams(IterableDataset):
         try:
             while step < total:
                 epoch = step // spe
-                streams = {s: self._open(s, epoch, positions.get(s, 0)) for s in mine}
+                plan = stream_pieces(self.source.sizes, self.streams, spe * self.per_stream, self.seed, epoch)
+                streams = {s: self._open(plan, s, epoch, positions.get(s, 0)) for s in mine}
                 positions = {}  # later epochs start at their beginning
                 self.bad.clear()  # the replayed samples' skips were counted before the checkpoint
                 for t in range(step, (epoch + 1) * spe):
@@ -1135,10 +1136,9 @@ class ImageTextStreams(IterableDataset):
         finally:
             self.source.close()
 
-    def _open(self, stream, epoch, pos):
-        """A cursor on one stream of the epoch: its id, its entries (stream_samples), and its position, replayed to
-        `pos` entries."""
-        plan = stream_pieces(self.source.sizes, self.streams, self.steps_per_epoch * self.per_stream, self.seed, epoch)
+    def _open(self, plan, stream, epoch, pos):
+        """A cursor on one stream of the epoch's plan: its id, its entries (stream_samples), and its position,
+        replayed to `pos` entries."""
         read = partial(self.source.samples, seed=self.seed, epoch=epoch, bad=self.bad)
         entries = stream_samples(plan, stream, read, self.seed, epoch, self.buffer_size)
         for _ in range(pos):

@@ -128,3 +128,11 @@ def ids_of(batch, tokenizer):
         text = tokenizer.decode([t for t in row.tolist() if t not in (0, tokenizer.sot_token, tokenizer.eot_token)])
         out.append(int(text.split("number")[1].replace(" ", "")))
     return out
+
+
+def csv_run_args(tmp_path):
+    """train_clip.py's arguments for a tiny model on a 16-row CSV (one process, no workers)."""
+    path = write_csv(tmp_path / "csv", n_good=16, extra_bad=False)
+    merges, _ = learned_tokenizer(tmp_path)
+    return ["--model", "tiny", "--data", path, "--merges", merges, "--lr", "2e-3", "--warmup-steps", "1",
+            "--seed", "0", "--workers", "0"]

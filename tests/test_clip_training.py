@@ -21,13 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def csv_run(tmp_path):
-    path = fx.write_csv(tmp_path / "csv", n_good=16, extra_bad=False)
-    merges, _ = fx.learned_tokenizer(tmp_path)
     # Adam's eps raised from 1e-6: some gradients are exactly zero in theory (the key bias cannot change a softmax)
     # and ~1e-10 float noise in practice, which Adam would blow up to +-lr steps of random sign; with eps 1e-3 the
     # parameter comparisons below measure the gradients, not that noise
-    return ["--model", "tiny", "--data", path, "--merges", merges, "--lr", "2e-3", "--warmup-steps", "1",
-            "--eps", "1e-3", "--seed", "0", "--workers", "0", "--log-every", "1"]
+    return fx.csv_run_args(tmp_path) + ["--eps", "1e-3", "--log-every", "1"]
 
 
 def weights(out, name):

@@ -33,10 +33,7 @@ NIGHTS_TINY = ["--model", "tiny", "--workers", "0", "--batch-size", "16", "--lr"
 @pytest.fixture
 def csv_run(tmp_path):
     """train_clip.py on a 16-row CSV: --batch-size 8 gives 2 steps per epoch."""
-    path = fx.write_csv(tmp_path / "csv", n_good=16, extra_bad=False)
-    merges, _ = fx.learned_tokenizer(tmp_path)
-    return ["--model", "tiny", "--data", path, "--merges", merges, "--lr", "2e-3", "--warmup-steps", "1",
-            "--seed", "0", "--workers", "0", "--batch-size", "8", "--epochs", "2"]
+    return fx.csv_run_args(tmp_path) + ["--batch-size", "8", "--epochs", "2"]
 
 
 @pytest.fixture(scope="module")
